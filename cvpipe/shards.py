@@ -1,0 +1,263 @@
+"""WebDataset tar shards: layout, a deterministic writer and a safe streaming reader.
+
+Layout: ``{root}/shards/{partition}/{name}-{index:06d}.tar``. A sample is a run of
+consecutive members sharing a key (the member path up to the first dot of its
+basename, as in WebDataset): one image (``.jpg``, ``.png`` or ``.webp``) and a ``.json``
+metadata member.
+
+The reader never unpickles: image members are decoded by Pillow, ``.json`` by the json
+module, ``.txt``/``.cls`` as UTF-8; every other member (``.pyd``, ``.pickle``, ``.pkl``,
+``.pth``, ``.npy``, ...) is skipped unread and reported. Bad samples come out of the
+stream as :class:`Reject` values instead of exceptions, so one corrupt image never stops
+a shard and nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import posixpath
+import tarfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO
+
+from PIL import Image
+
+from cvpipe import images
+from cvpipe.storage import join, open_atomic, url_to_fs
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # in order of preference within a sample
+TEXT_EXTS = ("txt", "cls")
+DEFAULT_MAX_MEMBER_BYTES = 256 * 1024 * 1024
+
+
+def shard_url(root: str, partition: str, name: str, index: int) -> str:
+    return join(root, "shards", partition, f"{name}-{index:06d}.tar")
+
+
+def shard_id(url: str) -> str:
+    """The id a row carries in its ``shard`` column: ``{partition}/{stem}``, i.e. the
+    shard's folder and file name without ``.tar``. Stable wherever the root lives."""
+    path = url_to_fs(url)[1] if "://" in str(url) else str(url)
+    parent = posixpath.basename(posixpath.dirname(path.replace("\\", "/")))
+    stem = posixpath.basename(path)
+    stem = stem[: -len(".tar")] if stem.endswith(".tar") else stem
+    return f"{parent}/{stem}" if parent else stem
+
+
+def unit_url(root: str, stage: str, shard: str, suffix: str = ".parquet") -> str:
+    """Where a stage writes its output for one shard: ``{root}/{stage}/{shard}{suffix}``
+    (``shard`` is a :func:`shard_id`, so partitions become folders)."""
+    return join(root, stage, *shard.split("/")[:-1], shard.split("/")[-1] + suffix)
+
+
+@dataclass
+class Reject:
+    key: str
+    shard: str
+    stage: str
+    reason: str
+    detail: str
+
+    def row(self) -> dict[str, str]:
+        return {
+            "key": self.key,
+            "shard": self.shard,
+            "stage": self.stage,
+            "reason": self.reason,
+            "detail": self.detail,
+        }
+
+
+@dataclass
+class Sample:
+    key: str
+    shard: str
+    ext: str  # extension of the image member: jpg | jpeg | png | webp
+    data: bytes  # the image member's bytes, undecoded
+    meta: dict[str, Any] = field(default_factory=dict)
+    image: Image.Image | None = None  # RGB, when read with decode=True
+
+
+# ---------------------------------------------------------------------------- writing
+
+
+def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
+    # Fixed owner, mode and mtime: the same samples give byte-identical shards.
+    ti = tarfile.TarInfo(name)
+    ti.size = size
+    ti.mtime = 0
+    ti.mode = 0o644
+    ti.uid = ti.gid = 0
+    ti.uname = ti.gname = ""
+    return ti
+
+
+class ShardWriter:
+    """Writes samples into one tar opened on a binary file object."""
+
+    def __init__(self, fileobj: BinaryIO):
+        self._tar = tarfile.open(fileobj=fileobj, mode="w", format=tarfile.PAX_FORMAT)  # noqa: SIM115
+        self.count = 0
+
+    def add(self, key: str, members: dict[str, bytes]) -> None:
+        for ext, data in members.items():
+            self._tar.addfile(_tarinfo(f"{key}.{ext}", len(data)), io.BytesIO(data))
+        self.count += 1
+
+    def close(self) -> None:
+        self._tar.close()
+
+
+def encode_meta(meta: dict[str, Any]) -> bytes:
+    """Canonical JSON for a sample's metadata (sorted keys, no None values)."""
+    clean = {k: v for k, v in meta.items() if v is not None}
+    return json.dumps(clean, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def write_shard(url: str, samples: Iterable[tuple[str, dict[str, bytes]]]) -> int:
+    """Publish a shard atomically from ``(key, {ext: bytes})`` pairs; returns the count."""
+    with open_atomic(url) as f:
+        writer = ShardWriter(f)
+        for key, members in samples:
+            writer.add(key, members)
+        writer.close()
+        return writer.count
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+def _split_member(name: str) -> tuple[str, str]:
+    directory, base = posixpath.split(name)
+    stem, _, ext = base.partition(".")
+    return (posixpath.join(directory, stem) if directory else stem), ext.lower()
+
+
+def _unsafe_name(name: str) -> str | None:
+    if name.startswith("/") or name.startswith("\\"):
+        return "absolute path"
+    if ".." in name.replace("\\", "/").split("/"):
+        return "'..' in path"
+    if "\x00" in name:
+        return "NUL byte in name"
+    return None
+
+
+class _Group:
+    """The members of one sample collected while streaming the tar."""
+
+    def __init__(self, key: str):
+        self.key = key
+        self.members: dict[str, bytes] = {}
+        self.problem: tuple[str, str] | None = None
+
+
+def iter_shard(
+    url: str,
+    *,
+    stage: str = "read",
+    decode: bool = True,
+    max_pixels: int = images.DEFAULT_MAX_PIXELS,
+    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
+) -> Iterator[Sample | Reject]:
+    """Stream a shard: each sample comes out as a :class:`Sample` or a :class:`Reject`.
+
+    Members that are not decoded (any extension other than images, json and text) are
+    reported as ``Reject(reason="ignored_member")`` rows for the sample's key; they do
+    not make the sample itself a reject. A sample with no image member is rejected
+    (``no_image``), as are duplicate keys, duplicate members, unsafe member names,
+    malformed json and undecodable images. A tar that breaks mid-stream rejects the
+    sample being read (``corrupt_tar``) and ends the stream.
+    """
+    sid = shard_id(url)
+    seen: set[str] = set()
+
+    def reject(key: str, reason: str, detail: str) -> Reject:
+        return Reject(key, sid, stage, reason, detail)
+
+    def finish(group: _Group) -> Sample | Reject:
+        if group.key in seen:
+            return reject(group.key, "duplicate_key", "key appears again later in the shard")
+        seen.add(group.key)
+        if group.problem:
+            return reject(group.key, *group.problem)
+        ext = next((e for e in IMAGE_EXTS if e in group.members), None)
+        if ext is None:
+            found = ", ".join(sorted(group.members)) or "nothing"
+            return reject(group.key, "no_image", f"no jpg/png/webp member (found {found})")
+        meta: dict[str, Any] = {}
+        if "json" in group.members:
+            try:
+                meta = json.loads(group.members["json"].decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                return reject(group.key, "bad_metadata", f"json member: {e}")
+            if not isinstance(meta, dict):
+                return reject(group.key, "bad_metadata", "json member is not an object")
+        for t in TEXT_EXTS:
+            if t in group.members:
+                try:
+                    meta.setdefault(t, group.members[t].decode("utf-8"))
+                except UnicodeDecodeError as e:
+                    return reject(group.key, "bad_metadata", f"{t} member: {e}")
+        sample = Sample(group.key, sid, ext, group.members[ext], meta)
+        if decode:
+            try:
+                sample.image = images.decode(sample.data, max_pixels)
+            except images.RejectedImage as e:
+                return reject(group.key, e.reason, e.detail)
+        return sample
+
+    fs, path = url_to_fs(url)
+    group: _Group | None = None
+    with fs.open(path, "rb") as f:
+        try:
+            tar = tarfile.open(fileobj=f, mode="r|")  # noqa: SIM115 (closed with f)
+        except (tarfile.TarError, EOFError, OSError) as e:
+            yield reject("", "corrupt_tar", f"cannot open tar: {e}")
+            return
+        try:
+            for info in tar:
+                if info.isdir():
+                    continue
+                key, ext = _split_member(info.name)
+                if group is None or key != group.key:
+                    if group is not None:
+                        yield finish(group)
+                    group = _Group(key)
+                why = _unsafe_name(info.name)
+                if why:
+                    group.problem = ("unsafe_member", f"{info.name!r}: {why}")
+                    continue
+                if not info.isfile():
+                    group.problem = ("unsafe_member", f"{info.name!r} is a link or device")
+                    continue
+                if ext not in IMAGE_EXTS and ext not in TEXT_EXTS and ext != "json":
+                    # Never read, never decoded: pickles, torch files, numpy, unknown.
+                    yield reject(key, "ignored_member", f"member {info.name!r} not decoded")
+                    continue
+                if ext in group.members:
+                    group.problem = ("duplicate_member", f"member {info.name!r} appears twice")
+                    continue
+                if info.size > max_member_bytes:
+                    group.problem = (
+                        "member_too_large",
+                        f"{info.name!r} is {info.size} bytes > {max_member_bytes}",
+                    )
+                    continue
+                member = tar.extractfile(info)
+                group.members[ext] = member.read() if member is not None else b""
+        except (tarfile.TarError, EOFError, OSError) as e:
+            yield reject(group.key if group else "", "corrupt_tar", f"{type(e).__name__}: {e}")
+            return
+    if group is not None:
+        yield finish(group)
+
+
+def read_shard_samples(url: str, **kwargs: Any) -> tuple[list[Sample], list[Reject]]:
+    """Read a whole shard into memory (small shards, tests, notebooks)."""
+    samples, rejects = [], []
+    for item in iter_shard(url, **kwargs):
+        (samples if isinstance(item, Sample) else rejects).append(item)
+    return samples, rejects

@@ -1,0 +1,191 @@
+"""The Arrow schema of every table cvpipe writes, defined once, and lineage.
+
+Every row carries the sample ``key`` and the ``shard`` it came from (``shard`` is the
+shard id: ``{partition}/{name}-{index:06d}``, see :func:`cvpipe.shards.shard_id`).
+Every Parquet file carries the run's lineage in its key-value metadata under
+``cvpipe.lineage``: config hash, code version, created_at and stage-specific fields
+such as the model id.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import io
+import json
+import subprocess
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cvpipe import __version__
+from cvpipe.storage import open_atomic, url_to_fs
+
+LINEAGE_KEY = b"cvpipe.lineage"
+
+SHARD_INDEX = pa.schema(
+    [
+        ("key", pa.string()),
+        ("shard", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("label", pa.string()),
+        ("caption", pa.string()),
+    ]
+)
+
+REJECTS = pa.schema(
+    [
+        ("key", pa.string()),
+        ("shard", pa.string()),
+        ("stage", pa.string()),
+        ("reason", pa.string()),  # a short code to count by, e.g. "truncated_image"
+        ("detail", pa.string()),  # the precise message
+    ]
+)
+
+PREDICTIONS = pa.schema(
+    [
+        ("key", pa.string()),
+        ("shard", pa.string()),
+        ("classes", pa.list_(pa.int32())),  # top-P class indices, best first
+        ("scores", pa.list_(pa.float32())),  # their softmax scores, descending
+    ]
+)
+
+
+def features_schema(dim: int) -> pa.Schema:
+    return pa.schema(
+        [
+            ("key", pa.string()),
+            ("shard", pa.string()),
+            ("embedding", pa.list_(pa.float32(), dim)),
+        ]
+    )
+
+
+SELECTION = pa.schema(
+    [
+        ("key", pa.string()),
+        ("shard", pa.string()),
+        ("label", pa.int32()),
+        ("score", pa.float32()),
+        ("rank", pa.int32()),  # 1 = best within its label
+    ]
+)
+
+ANCHORS = pa.schema(
+    [
+        ("anchor", pa.string()),
+        ("count", pa.int64()),
+        ("vector", pa.list_(pa.float32())),
+    ]
+)
+
+ANCHOR_LABELS = pa.schema(
+    [
+        ("key", pa.string()),
+        ("shard", pa.string()),
+        ("method", pa.string()),
+        ("label", pa.string()),
+        ("anchors", pa.list_(pa.string())),
+        ("distances", pa.list_(pa.float32())),
+    ]
+)
+
+METRICS = pa.schema(
+    [
+        ("epoch", pa.int32()),
+        ("split", pa.string()),
+        ("loss", pa.float64()),
+        ("top1", pa.float64()),
+        ("top5", pa.float64()),
+        ("images_per_s", pa.float64()),
+    ]
+)
+
+RESULTS = pa.schema(
+    [
+        ("seed", pa.int64()),
+        ("method", pa.string()),  # teacher | supervised | student_pretrained | student_finetuned
+        ("top1", pa.float64()),
+        ("top5", pa.float64()),
+    ]
+)
+
+
+def config_hash(config: Any) -> str:
+    """A stable short hash of a config (a pydantic model, a dict or any JSON value)."""
+    if hasattr(config, "model_dump"):
+        config = config.model_dump(mode="json")
+    blob = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _git_sha() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+_CODE_VERSION: str | None = None
+
+
+def code_version() -> str:
+    """``cvpipe <version>`` plus the git commit when running from a checkout."""
+    global _CODE_VERSION
+    if _CODE_VERSION is None:
+        sha = _git_sha()
+        _CODE_VERSION = f"{__version__}+g{sha}" if sha else __version__
+    return _CODE_VERSION
+
+
+def lineage(config: Any = None, **fields: Any) -> dict[str, Any]:
+    """The lineage record of one output: config hash, code version, created_at, extras."""
+    return {
+        "config_hash": config_hash(config) if config is not None else None,
+        "code_version": code_version(),
+        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        **fields,
+    }
+
+
+def write_parquet(table: pa.Table, url: str, lineage_record: Mapping[str, Any]) -> None:
+    """Write ``table`` to ``url`` atomically, with ``lineage_record`` in its metadata."""
+    meta = dict(table.schema.metadata or {})
+    meta[LINEAGE_KEY] = json.dumps(dict(lineage_record), sort_keys=True, default=str).encode()
+    table = table.replace_schema_metadata(meta)
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    with open_atomic(url) as f:
+        f.write(buf.getbuffer())
+
+
+def read_parquet(url: str, columns: list[str] | None = None) -> pa.Table:
+    fs, path = url_to_fs(url)
+    return pq.read_table(path, filesystem=fs, columns=columns)
+
+
+def read_lineage(url: str) -> dict[str, Any]:
+    fs, path = url_to_fs(url)
+    meta = pq.read_schema(path, filesystem=fs).metadata or {}
+    return json.loads(meta[LINEAGE_KEY]) if LINEAGE_KEY in meta else {}
+
+
+def empty(schema: pa.Schema) -> pa.Table:
+    return schema.empty_table()
+
+
+def from_rows(rows: list[Mapping[str, Any]], schema: pa.Schema) -> pa.Table:
+    return pa.Table.from_pylist(list(rows), schema=schema)

@@ -1,0 +1,135 @@
+"""The ``cvpipe`` command line. Every command runs a Prefect flow, so every run shows in
+the Prefect UI (the local SQLite-backed API by default, or PREFECT_API_URL's server)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import typer
+from pydantic import ValidationError
+
+from cvpipe.images import DEFAULT_MAX_PIXELS
+
+app = typer.Typer(
+    help="cvpipe: web-scale images in, labeled data and trained models out.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+datasets_app = typer.Typer(help="Export real datasets that ship inside installed packages.")
+app.add_typer(datasets_app, name="datasets")
+
+
+def fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=1)
+
+
+def run_flow(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Run a flow; turn bad input into a one-line error instead of a traceback."""
+    try:
+        return fn(*args, **kwargs)
+    except ValidationError as e:
+        fail(str(e))
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        cause = e.__cause__ if isinstance(e, RuntimeError) and e.__cause__ else e
+        fail(f"{type(cause).__name__}: {cause}")
+
+
+def print_table(rows: list[dict[str, Any]], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in rows[0] if rows else []:
+        table.add_column(str(col))
+    for row in rows:
+        table.add_row(*(str(v) for v in row.values()))
+    Console().print(table)
+
+
+def print_summary(summary: dict[str, Any], title: str) -> None:
+    from tasks.artifacts import summary_rows
+
+    print_table(summary_rows(summary), title)
+
+
+@datasets_app.command("digits")
+def datasets_digits(
+    out: str = typer.Argument(..., help="output folder (class sub-folders of PNG files)"),
+    size: int = typer.Option(32, help="side of the upscaled PNGs, in pixels"),
+    split: str = typer.Option(
+        None, help="e.g. labeled=0.1,unlabeled=0.6,test=0.3 (stratified, seeded)"
+    ),
+    seed: int = typer.Option(0, help="seed of the split"),
+) -> None:
+    """scikit-learn's 1,797 real handwritten digits as an image-folder tree."""
+    from flows.datasets import export_digits_flow
+
+    counts = run_flow(export_digits_flow, out, size=size, split=split, seed=seed)
+    typer.echo(json.dumps(counts))
+
+
+@datasets_app.command("photos")
+def datasets_photos(
+    out: str = typer.Argument(..., help="output folder"),
+    count: int = typer.Option(1000, help="number of crops"),
+    size: int = typer.Option(256, help="crop side in pixels"),
+    seed: int = typer.Option(0),
+) -> None:
+    """Random JPEG crops of the two real photographs scikit-learn ships."""
+    from flows.datasets import export_photos_flow
+
+    typer.echo(run_flow(export_photos_flow, out, count=count, size=size, seed=seed))
+
+
+@app.command()
+def ingest(
+    src: str = typer.Argument(..., help="image folder tree or manifest (.parquet/.jsonl/.csv)"),
+    out: str = typer.Option(..., "--out", help="output root (local path or fsspec URL)"),
+    partition: str = typer.Option(..., "--partition", help="partition name, e.g. 2026-11-25"),
+    shard_size: int = typer.Option(10_000, "--shard-size", help="samples per shard"),
+    name: str = typer.Option("shard", "--name", help="shard file name prefix"),
+    max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", help="pixel cap"),
+) -> None:
+    """Ingest images into WebDataset shards {out}/shards/{partition}/{name}-NNNNNN.tar."""
+    from cvpipe.config import IngestConfig
+    from flows.ingest import ingest_flow
+
+    try:
+        config = IngestConfig(
+            source=src,
+            root=out,
+            partition=partition,
+            name=name,
+            shard_size=shard_size,
+            max_pixels=max_pixels,
+        )
+    except ValidationError as e:
+        fail(str(e))
+    summary = run_flow(ingest_flow, config)
+    print_summary(summary, f"ingest {partition}")
+
+
+@app.command()
+def demo(
+    out: str = typer.Option("demo", "--out", help="output folder of the demo"),
+) -> None:
+    """Run the end-to-end demo on the bundled digits."""
+    from flows.demo import demo_flow
+
+    summaries = run_flow(demo_flow, out)
+    for split, summary in summaries.items():
+        print_summary(summary, f"ingest {split}")
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -116,6 +116,26 @@ RESULTS = pa.schema(
     ]
 )
 
+PER_CLASS = pa.schema(
+    [
+        ("class_index", pa.int32()),
+        ("class_name", pa.string()),
+        ("count", pa.int64()),  # labeled test samples of this class
+        ("correct", pa.int64()),  # of them, predicted right (top-1)
+        ("top1", pa.float64()),  # correct / count (NaN when count is 0)
+    ]
+)
+
+CHOP = pa.schema(
+    [
+        ("n", pa.int32()),  # stages copied from the base model (Yosinski et al. 2014)
+        ("stage", pa.string()),  # name of the n-th stage ("" for n = 0)
+        ("mode", pa.string()),  # frozen | finetuned
+        ("top1", pa.float64()),
+        ("top5", pa.float64()),
+    ]
+)
+
 
 def config_hash(config: Any) -> str:
     """A stable short hash of a config (a pydantic model, a dict or any JSON value)."""

@@ -209,3 +209,45 @@ def empty(schema: pa.Schema) -> pa.Table:
 
 def from_rows(rows: list[Mapping[str, Any]], schema: pa.Schema) -> pa.Table:
     return pa.Table.from_pylist(list(rows), schema=schema)
+
+
+# Anchor pseudo-labeling (cvpipe/anchors.py, cvpipe/reports.py).
+
+# Map-side partial of ANCHORS: per-anchor sums (float64, so merging in any order agrees
+# with one pass to float32 precision) and counts; the vector kind is in the lineage.
+ANCHOR_SUMS = pa.schema(
+    [
+        ("anchor", pa.string()),
+        ("count", pa.int64()),
+        ("sum", pa.list_(pa.float64())),
+    ]
+)
+
+# The frozen Uniform rule: each bucket (a Nearest-3 sequence, a Nearest-2 prefix or a
+# Nearest-1 anchor), the images counted in it, and into how many hash parts it is split.
+UNIFORM_RULE = pa.schema(
+    [
+        ("bucket", pa.string()),
+        ("count", pa.int64()),
+        ("parts", pa.int32()),
+    ]
+)
+
+# The pseudo-label dataset table: one row per labeling method.
+PSEUDO_LABEL_STATS = pa.schema(
+    [
+        ("method", pa.string()),
+        ("labels", pa.int64()),  # distinct labels
+        ("images", pa.int64()),
+        ("images_per_label_mean", pa.float64()),
+        ("images_per_label_std", pa.float64()),
+        ("top1", pa.float64()),  # base model trained on these labels; null until known
+    ]
+)
+
+
+def transfer_schema(methods: list[str]) -> pa.Schema:
+    """Targets x methods: top-1 per (target, method), and the best method of each row."""
+    return pa.schema(
+        [("target", pa.string())] + [(m, pa.float64()) for m in methods] + [("best", pa.string())]
+    )

@@ -22,10 +22,7 @@ SHARD_EXTENSION = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 
 # Never decode a partial image: a truncated file is a reject, not a grey bottom half.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
-# Pillow only warns between its limit and twice it: make that warning an error, so a
-# decompression bomb is rejected even by code paths that skip our own size check.
 Image.MAX_IMAGE_PIXELS = DEFAULT_MAX_PIXELS
-warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
 
 
 class RejectedImage(ValueError):
@@ -45,11 +42,20 @@ class ImageHeader:
     mode: str
 
 
+def _decode_error(e: Exception) -> RejectedImage:
+    msg = f"{type(e).__name__}: {e}"
+    truncated = any(w in msg.lower() for w in ("truncated", "broken data", "end of file"))
+    return RejectedImage("truncated_image" if truncated else "corrupt_image", msg)
+
+
 def _open(data: bytes, max_pixels: int) -> Image.Image:
     if not data:
         raise RejectedImage("empty_image", "zero-byte image")
     try:
-        im = Image.open(io.BytesIO(data))
+        # Pillow only warns between its limit and twice it: here that warning is an error.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise RejectedImage("too_many_pixels", str(e)) from None
     except UnidentifiedImageError:
@@ -57,7 +63,7 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
             "not_an_image", f"cannot identify an image in {len(data)} bytes"
         ) from None
     except (OSError, SyntaxError, ValueError) as e:
-        raise RejectedImage("corrupt_image", f"{type(e).__name__}: {e}") from None
+        raise _decode_error(e) from None
     w, h = im.size
     if w <= 0 or h <= 0:
         raise RejectedImage("corrupt_image", f"invalid size {w}x{h}")
@@ -144,7 +150,7 @@ def reencode_png(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> bytes:
     try:
         im.load()
     except (OSError, SyntaxError, ValueError) as e:
-        raise RejectedImage("corrupt_image", f"{type(e).__name__}: {e}") from None
+        raise _decode_error(e) from None
     out = io.BytesIO()
     to_rgb(im).save(out, format="PNG")
     return out.getvalue()

@@ -43,6 +43,7 @@ PLAN = pa.schema(
         ("duplicate", pa.bool_()),  # a later row with a key seen before
     ]
 )
+OPTIONAL_COLUMNS = ("label", "caption", "hashtags", "boxes")
 MANIFEST_SUFFIXES = (".parquet", ".jsonl", ".json", ".csv")
 SOURCE_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -101,16 +102,9 @@ def _read_manifest(src: str) -> list[dict[str, Any]]:
         image = row.get("image")
         image = "" if image is None else str(image)
         url = image if ("://" in image or os.path.isabs(image)) else join(base, image)
-        rows.append(
-            {
-                "image": url,
-                "source": image,
-                "label": row.get("label"),
-                "caption": row.get("caption"),
-                "hashtags": row.get("hashtags"),
-                "boxes": row.get("boxes"),
-            }
-        )
+        # CSV has no null: an empty cell means "not given".
+        fields = {k: (None if row.get(k) == "" else row.get(k)) for k in OPTIONAL_COLUMNS}
+        rows.append({"image": url, "source": image, **fields})
     return rows
 
 

@@ -39,11 +39,6 @@ def join(url: str, *parts: str) -> str:
     return os.path.join(url, *parts)
 
 
-def unstrip(fs: fsspec.AbstractFileSystem, path: str) -> str:
-    """Turn a path inside ``fs`` back into a URL that ``url_to_fs`` accepts."""
-    return path if is_local(fs) else fs.unstrip_protocol(path)
-
-
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return isinstance(fs, LocalFileSystem)
 
@@ -136,7 +131,8 @@ def list_committed(url: str, suffix: str = "", recursive: bool = False) -> list[
             continue
         if not is_local(fs) and name + COMMIT_SUFFIX not in names:
             continue
-        out.append(unstrip(fs, name))
+        # Keep the caller's spelling of the root (s3://bucket/x, memory://x, ./x).
+        out.append(str(url).rstrip("/") + name[len(path.rstrip("/")) :])
     return sorted(out)
 
 

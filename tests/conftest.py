@@ -37,7 +37,9 @@ def digits_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def digits_shards(digits_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[str]]:
+def digits_shards(
+    digits_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, list[str]]:
     """Shard URLs of each split (labeled: 179 samples, unlabeled: 1078, test: 540),
     ingested with 100 samples per shard into one root, partitions named after splits."""
     root = str(tmp_path_factory.mktemp("digits_root"))

@@ -1,0 +1,573 @@
+"""Teacher inference over shards: top-P classes (and optionally embeddings) per image.
+
+One work unit is a group of shards handled by one :class:`Teacher` with one DataLoader.
+DataLoader workers split whole shards between them, read and decode, and assemble
+batches; the main process runs the model and keeps, per shard, a buffer of results
+that is published when the worker signals the end of that shard. Per input shard:
+
+- ``OUT/predictions/<partition>/<stem>.parquet`` (:data:`tables.PREDICTIONS`), the commit;
+- ``OUT/features/<partition>/<stem>.parquet`` (:func:`tables.features_schema`) when asked;
+- ``OUT/rejects/infer/<partition>/<stem>.parquet`` (:data:`tables.REJECTS`).
+
+A shard whose outputs are all committed is skipped (its stats are read back).
+
+On CUDA the stage uses pinned memory, non-blocking copies, channels_last, bf16 autocast,
+and decodes JPEG on the GPU (nvjpeg, batched); results come back one batch late so the
+GPU always has the next batch queued while the host handles the previous one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import time
+import warnings
+from collections import Counter, defaultdict
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+
+from cvpipe import images, tables
+from cvpipe.loader import ShardDataset
+from cvpipe.models import load_checkpoint, model_id, preprocess, resolve_device
+from cvpipe.shards import Reject, Sample, iter_shard, shard_id, unit_url
+from cvpipe.storage import is_committed, url_to_fs
+
+STAGE = "infer"
+_JPEG_EXTS = ("jpg", "jpeg")
+_EXIF_ORIENTATION = 0x0112
+
+
+def predictions_url(out: str, sid: str) -> str:
+    return unit_url(out, "predictions", sid)
+
+
+def features_url(out: str, sid: str) -> str:
+    return unit_url(out, "features", sid)
+
+
+def rejects_url(out: str, sid: str) -> str:
+    return unit_url(out, "rejects/infer", sid)
+
+
+@dataclass
+class InferStats:
+    """What one shard cost and produced. Times are seconds; ``decode_s`` is the workers'
+    read + decode + preprocess time (it overlaps the model when workers > 0); batch-level
+    times are split over the shards of a batch in proportion to their images."""
+
+    shard: str
+    images: int = 0
+    rejects: dict[str, int] = field(default_factory=dict)
+    skipped: bool = False
+    decode_s: float = 0.0
+    h2d_s: float = 0.0
+    forward_s: float = 0.0
+    write_s: float = 0.0
+
+    @property
+    def rejected(self) -> int:
+        return sum(self.rejects.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "rejected": self.rejected}
+
+
+def summarize(stats: Sequence[InferStats]) -> dict[str, Any]:
+    by_reason: Counter = Counter()
+    for s in stats:
+        by_reason.update(s.rejects)
+    return {
+        "shards": len(stats),
+        "shards_skipped": sum(s.skipped for s in stats),
+        "images": sum(s.images for s in stats),
+        "rejected": sum(by_reason.values()),
+        "rejects_by_reason": dict(sorted(by_reason.items())),
+        **{
+            k: round(sum(getattr(s, k) for s in stats), 4)
+            for k in ("decode_s", "h2d_s", "forward_s", "write_s")
+        },
+    }
+
+
+# ------------------------------------------------------------------------ worker side
+
+
+def _jpeg_for_gpu(data: bytes, max_pixels: int) -> bool:
+    """True when nvjpeg can take these bytes as they are: a complete baseline RGB or
+    grayscale JPEG within the pixel cap and with no EXIF rotation (nvjpeg ignores EXIF).
+    Raises :class:`images.RejectedImage` for a bad image (the same checks as ingest)."""
+    header = images.inspect(data, max_pixels)
+    if header.format != "JPEG" or header.mode not in ("RGB", "L"):
+        return False
+    with contextlib.suppress(Exception):
+        if Image.open(io.BytesIO(data)).getexif().get(_EXIF_ORIENTATION, 1) != 1:
+            return False
+    return True
+
+
+class _Batch:
+    def __init__(self) -> None:
+        self.images: list[torch.Tensor] = []
+        self.image_meta: list[tuple[str, str, int]] = []  # (shard, key, position in shard)
+        self.jpegs: list[torch.Tensor] = []
+        self.jpeg_meta: list[tuple[str, str, int]] = []
+        self.rejects: list[dict[str, str]] = []
+        self.ends: list[dict[str, Any]] = []
+
+    def __len__(self) -> int:
+        return len(self.images) + len(self.jpegs)
+
+    def empty(self) -> bool:
+        return not (len(self) or self.rejects or self.ends)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "images": torch.stack(self.images) if self.images else torch.empty(0),
+            "image_meta": self.image_meta,
+            "jpegs": self.jpegs,
+            "jpeg_meta": self.jpeg_meta,
+            "rejects": self.rejects,
+            "ends": self.ends,
+        }
+
+
+class InferenceDataset(ShardDataset):
+    """Batches for inference, assembled in the worker: ``{images, image_meta, jpegs,
+    jpeg_meta, rejects, ends}``. Each worker reads whole shards in order (the split of
+    :class:`ShardDataset`); ``ends`` carries one marker per shard, in the batch holding
+    that shard's last sample, so the consumer knows when a shard is complete. With
+    ``gpu_jpeg`` JPEG bytes are passed through undecoded for nvjpeg; every other image
+    is decoded and preprocessed here."""
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        transform: Any,
+        batch_size: int,
+        *,
+        gpu_jpeg: bool = False,
+        max_pixels: int = images.DEFAULT_MAX_PIXELS,
+    ) -> None:
+        super().__init__(urls, transform, stage=STAGE, max_pixels=max_pixels)
+        self.batch_size = batch_size
+        self.gpu_jpeg = gpu_jpeg
+
+    def _add(self, s: Sample, sid: str, position: int, batch: _Batch) -> None:
+        try:
+            if self.gpu_jpeg and s.ext in _JPEG_EXTS and _jpeg_for_gpu(s.data, self.max_pixels):
+                batch.jpegs.append(torch.frombuffer(bytearray(s.data), dtype=torch.uint8))
+                batch.jpeg_meta.append((sid, s.key, position))
+                return
+            image = self.transform(images.decode(s.data, self.max_pixels))
+        except images.RejectedImage as e:
+            batch.rejects.append(Reject(s.key, sid, STAGE, e.reason, e.detail).row())
+            return
+        batch.images.append(image)
+        batch.image_meta.append((sid, s.key, position))
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        urls, _ = self._my_urls()
+        batch = _Batch()
+        for url in urls:
+            sid = shard_id(url)
+            spent, position = 0.0, 0
+            t0 = time.perf_counter()
+            for item in iter_shard(url, stage=STAGE, decode=False, max_pixels=self.max_pixels):
+                if isinstance(item, Reject):
+                    batch.rejects.append(item.row())
+                else:
+                    self._add(item, sid, position, batch)
+                    position += 1
+                if len(batch) >= self.batch_size:
+                    spent += time.perf_counter() - t0
+                    yield batch.to_dict()
+                    batch = _Batch()
+                    t0 = time.perf_counter()
+            spent += time.perf_counter() - t0
+            # The end marker rides with this shard's last samples (or the next shard's
+            # first ones): the consumer flushes the shard after handling that batch.
+            batch.ends.append({"shard": sid, "decode_s": spent})
+        if not batch.empty():
+            yield batch.to_dict()
+
+
+# -------------------------------------------------------------------------- main side
+
+
+class _ShardBuffer:
+    def __init__(self, sid: str) -> None:
+        self.sid = sid
+        self.positions: list[np.ndarray] = []
+        self.keys: list[str] = []
+        self.classes: list[np.ndarray] = []
+        self.scores: list[np.ndarray] = []
+        self.embeddings: list[np.ndarray] = []
+        self.rejects: list[dict[str, str]] = []
+        self.stats = InferStats(sid)
+
+
+@dataclass
+class _Inflight:
+    """A batch whose results may still be on their way from the GPU."""
+
+    meta: list[tuple[str, str, int]]
+    rejects: list[dict[str, str]]
+    ends: list[dict[str, Any]]
+    top_scores: torch.Tensor | None = None
+    top_classes: torch.Tensor | None = None
+    embeddings: torch.Tensor | None = None
+    events: list[Any] = field(default_factory=list)  # CUDA events e0..e3
+    h2d_s: float = 0.0
+    decode_s: float = 0.0
+    forward_s: float = 0.0
+
+
+class Teacher:
+    """The inference stage. Build it once per process (it loads the model), then call
+    :meth:`process` on groups of shards."""
+
+    def __init__(
+        self,
+        checkpoint_url: str,
+        device: str = "auto",
+        batch_size: int = 256,
+        top_p: int = 5,
+        features: bool = False,
+        num_workers: int = 2,
+        prefetch_factor: int = 4,
+        gpu_decode: bool = True,
+        max_pixels: int = images.DEFAULT_MAX_PIXELS,
+    ) -> None:
+        if batch_size < 1 or top_p < 1:
+            raise ValueError("batch_size and top_p must be >= 1")
+        self.checkpoint_url = checkpoint_url
+        self.device = resolve_device(device)
+        self.cuda = self.device.type == "cuda"
+        self.model, self.info = load_checkpoint(checkpoint_url, self.device)
+        self.model.eval()
+        if self.cuda:
+            self.model = self.model.to(memory_format=torch.channels_last)
+            torch.backends.cudnn.benchmark = True
+        self.model_id = model_id(checkpoint_url)
+        self.batch_size = batch_size
+        self.top_p = min(top_p, self.info.num_classes)
+        self.features = features
+        self.num_workers = num_workers
+        self.prefetch_factor = prefetch_factor
+        self.gpu_decode = gpu_decode and self.cuda
+        self.max_pixels = max_pixels
+        self.transform = preprocess(self.info)
+        self.config = {
+            "stage": STAGE,
+            "model_id": self.model_id,
+            "top_p": self.top_p,
+            "features": features,
+            "input_size": self.info.input_size,
+        }
+        mean = torch.tensor(self.info.mean, dtype=torch.float32).view(1, 3, 1, 1)
+        std = torch.tensor(self.info.std, dtype=torch.float32).view(1, 3, 1, 1)
+        self._mean, self._std = mean.to(self.device), std.to(self.device)
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    def lineage(self, sid: str) -> dict[str, Any]:
+        return tables.lineage(
+            self.config,
+            stage=STAGE,
+            shard=sid,
+            model_id=self.model_id,
+            checkpoint=self.checkpoint_url,
+            arch=self.info.arch,
+            num_classes=self.info.num_classes,
+            top_p=self.top_p,
+        )
+
+    def done(self, sid: str, out: str) -> bool:
+        urls = [predictions_url(out, sid), rejects_url(out, sid)]
+        if self.features:
+            urls.append(features_url(out, sid))
+        return all(is_committed(u) for u in urls)
+
+    def _committed_stats(self, sid: str, out: str) -> InferStats:
+        fs, path = url_to_fs(predictions_url(out, sid))
+        rows = pq.ParquetFile(path, filesystem=fs).metadata.num_rows
+        reasons = tables.read_parquet(rejects_url(out, sid), columns=["reason"])
+        counts = Counter(reasons.column("reason").to_pylist())
+        return InferStats(sid, images=rows, rejects=dict(counts), skipped=True)
+
+    # ------------------------------------------------------------------ the model
+
+    def _gpu_images(self, jpegs: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
+        """nvjpeg-decode a batch and preprocess it on the GPU (resize the short side,
+        center crop, normalize), the same steps as :func:`models.preprocess`. Returns the
+        tensor and the indices of images that failed to decode (tried one by one)."""
+        from torchvision.io import ImageReadMode, decode_jpeg
+        from torchvision.transforms.v2 import functional as F
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the decoders' deprecation notice
+            try:
+                decoded: list[torch.Tensor | None] = list(
+                    decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=self.device)
+                )
+            except RuntimeError:
+                decoded = []
+                for j in jpegs:
+                    try:
+                        decoded.append(decode_jpeg(j, mode=ImageReadMode.RGB, device=self.device))
+                    except RuntimeError:
+                        decoded.append(None)
+        failed = [i for i, d in enumerate(decoded) if d is None]
+        size = self.info.input_size
+        out: list[torch.Tensor | None] = [None] * len(decoded)
+        by_shape: dict[tuple[int, ...], list[int]] = defaultdict(list)
+        for i, d in enumerate(decoded):
+            if d is not None:
+                by_shape[tuple(d.shape)].append(i)
+        for idx in by_shape.values():  # web crops often share a size: resize them together
+            x = torch.stack([decoded[i] for i in idx])
+            x = F.center_crop(F.resize(x, [size], antialias=True), [size, size])
+            for j, i in enumerate(idx):
+                out[i] = x[j]
+        kept = [t for t in out if t is not None]
+        if not kept:
+            return torch.empty(0, device=self.device), failed
+        x = torch.stack(kept).float().div_(255.0).sub_(self._mean).div_(self._std)
+        return x, failed
+
+    def _launch(self, batch: dict[str, Any]) -> _Inflight:
+        meta = list(batch["image_meta"])
+        fl = _Inflight(meta=meta, rejects=list(batch["rejects"]), ends=list(batch["ends"]))
+        x = batch["images"]
+        jpegs, jpeg_meta = batch["jpegs"], batch["jpeg_meta"]
+        if not meta and not jpegs:
+            return fl
+        if self.cuda:
+            ev = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
+            ev[0].record()
+            parts = []
+            if meta:
+                parts.append(
+                    x.to(self.device, non_blocking=True).contiguous(
+                        memory_format=torch.channels_last
+                    )
+                )
+            ev[1].record()
+            if jpegs:
+                y, failed = self._gpu_images(jpegs)
+                for i in failed:
+                    sid, key, _ = jpeg_meta[i]
+                    fl.rejects.append(
+                        Reject(key, sid, STAGE, "corrupt_image", "nvjpeg could not decode").row()
+                    )
+                bad = set(failed)
+                meta += [m for i, m in enumerate(jpeg_meta) if i not in bad]
+                if len(y):
+                    parts.append(y.contiguous(memory_format=torch.channels_last))
+            ev[2].record()
+            if parts:
+                x = torch.cat(parts) if len(parts) > 1 else parts[0]
+                with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+                    logits, feats = self.model.forward_with_features(x)
+                    probs = torch.softmax(logits.float(), dim=1)
+                    top = probs.topk(self.top_p, dim=1)
+                fl.top_scores = _to_host(top.values)
+                fl.top_classes = _to_host(top.indices.int())
+                if self.features:
+                    fl.embeddings = _to_host(feats.float())
+            ev[3].record()
+            fl.events = ev
+            fl.meta = meta
+            return fl
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            logits, feats = self.model.forward_with_features(x)
+            top = torch.softmax(logits.float(), dim=1).topk(self.top_p, dim=1)
+        fl.top_scores, fl.top_classes = top.values, top.indices.int()
+        fl.embeddings = feats.float() if self.features else None
+        fl.forward_s = time.perf_counter() - t0
+        return fl
+
+    # ------------------------------------------------------------------ results
+
+    def _finish(self, fl: _Inflight, buffers: dict[str, _ShardBuffer], out: str) -> None:
+        if fl.events:
+            fl.events[-1].synchronize()
+            e = fl.events
+            fl.h2d_s = e[0].elapsed_time(e[1]) / 1e3
+            fl.decode_s = e[1].elapsed_time(e[2]) / 1e3
+            fl.forward_s = e[2].elapsed_time(e[3]) / 1e3
+        if fl.meta and fl.top_classes is not None:
+            classes = fl.top_classes.numpy()
+            scores = fl.top_scores.numpy()
+            embeddings = fl.embeddings.numpy() if fl.embeddings is not None else None
+            shards = np.array([m[0] for m in fl.meta], dtype=object)
+            n = len(fl.meta)
+            for sid in dict.fromkeys(shards.tolist()):
+                rows = np.flatnonzero(shards == sid)
+                buf = buffers[sid]
+                buf.positions.append(np.array([fl.meta[i][2] for i in rows], dtype=np.int64))
+                buf.keys += [fl.meta[i][1] for i in rows]
+                buf.classes.append(classes[rows])
+                buf.scores.append(scores[rows])
+                if embeddings is not None:
+                    buf.embeddings.append(embeddings[rows])
+                share = len(rows) / n
+                buf.stats.h2d_s += fl.h2d_s * share
+                buf.stats.forward_s += fl.forward_s * share
+                buf.stats.decode_s += fl.decode_s * share
+        for row in fl.rejects:
+            buffers[row["shard"]].rejects.append(row)
+        for end in fl.ends:
+            buf = buffers.pop(end["shard"])
+            buf.stats.decode_s += end["decode_s"]
+            self._write(buf, out)
+
+    def _write(self, buf: _ShardBuffer, out: str) -> None:
+        t0 = time.perf_counter()
+        sid = buf.sid
+        p = self.top_p
+        if buf.keys:
+            order = np.argsort(np.concatenate(buf.positions), kind="stable")
+            keys = [buf.keys[i] for i in order]
+            classes = np.concatenate(buf.classes)[order].astype(np.int32)
+            scores = np.concatenate(buf.scores)[order].astype(np.float32)
+        else:
+            keys, classes, scores = [], np.empty((0, p), np.int32), np.empty((0, p), np.float32)
+        n = len(keys)
+        offsets = pa.array(np.arange(0, (n + 1) * p, p, dtype=np.int32))
+        shard_col = pa.array([sid] * n, pa.string())
+        key_col = pa.array(keys, pa.string())
+        lineage = self.lineage(sid)
+        tables.write_parquet(
+            tables.from_rows(buf.rejects, tables.REJECTS), rejects_url(out, sid), lineage
+        )
+        if self.features:
+            dim = self.model.feature_dim
+            emb = (
+                np.concatenate(buf.embeddings)[order].astype(np.float32)
+                if buf.keys
+                else np.empty((0, dim), np.float32)
+            )
+            schema = tables.features_schema(dim)
+            emb_col = pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), dim)
+            table = pa.Table.from_arrays([key_col, shard_col, emb_col], schema=schema)
+            tables.write_parquet(table, features_url(out, sid), lineage)
+        table = pa.Table.from_arrays(
+            [
+                key_col,
+                shard_col,
+                pa.ListArray.from_arrays(offsets, pa.array(classes.reshape(-1), pa.int32())),
+                pa.ListArray.from_arrays(offsets, pa.array(scores.reshape(-1), pa.float32())),
+            ],
+            schema=tables.PREDICTIONS,
+        )
+        # Predictions last: they are the commit that makes a rerun skip this shard.
+        tables.write_parquet(table, predictions_url(out, sid), lineage)
+        buf.stats.images = n
+        buf.stats.rejects = dict(Counter(r["reason"] for r in buf.rejects))
+        buf.stats.write_s += time.perf_counter() - t0
+
+    def process(self, shard_urls: Sequence[str], out: str) -> list[InferStats]:
+        """Run the teacher over a group of shards (one DataLoader for all of them) and
+        publish each shard's outputs as soon as the shard is complete. Returns one
+        :class:`InferStats` per input shard, in input order."""
+        urls = list(dict.fromkeys(shard_urls))
+        sids = {u: shard_id(u) for u in urls}
+        if len(set(sids.values())) != len(urls):
+            raise ValueError("two shard URLs map to the same shard id (partition/stem)")
+        results: dict[str, InferStats] = {}
+        todo = []
+        for u in urls:
+            if self.done(sids[u], out):
+                results[u] = self._committed_stats(sids[u], out)
+            else:
+                todo.append(u)
+        if todo:
+            buffers = {sids[u]: _ShardBuffer(sids[u]) for u in todo}
+            stats = {sids[u]: buffers[sids[u]].stats for u in todo}
+            dataset = InferenceDataset(
+                todo,
+                self.transform,
+                self.batch_size,
+                gpu_jpeg=self.gpu_decode,
+                max_pixels=self.max_pixels,
+            )
+            workers = max(0, min(self.num_workers, len(todo)))
+            kwargs: dict[str, Any] = {}
+            if workers:
+                kwargs = {"prefetch_factor": self.prefetch_factor, "persistent_workers": False}
+            loader = torch.utils.data.DataLoader(
+                dataset,
+                batch_size=None,
+                num_workers=workers,
+                pin_memory=self.cuda,
+                **kwargs,
+            )
+            pending: _Inflight | None = None
+            for batch in loader:
+                fl = self._launch(batch)
+                if pending is not None:
+                    self._finish(pending, buffers, out)
+                pending = fl
+                if not self.cuda:  # nothing to overlap on CPU
+                    self._finish(pending, buffers, out)
+                    pending = None
+            if pending is not None:
+                self._finish(pending, buffers, out)
+            if buffers:
+                raise RuntimeError(f"shards never completed: {sorted(buffers)}")
+            for u in todo:
+                results[u] = stats[sids[u]]
+        return [results[u] for u in urls]
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """Start a device -> pinned host copy without waiting for it."""
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    return host
+
+
+_TEACHERS: dict[tuple, Teacher] = {}
+
+
+def get_teacher(checkpoint_url: str, **kwargs: Any) -> Teacher:
+    """A per-process cache of teachers, so that a long-lived worker (a Prefect or Dask
+    worker) loads a checkpoint once however many shard groups it handles."""
+    key = (checkpoint_url, tuple(sorted(kwargs.items())))
+    if key not in _TEACHERS:
+        _TEACHERS.clear()  # one teacher per process: GPU memory is not for hoarding
+        _TEACHERS[key] = Teacher(checkpoint_url, **kwargs)
+    return _TEACHERS[key]
+
+
+def infer_shards(
+    shard_urls: Sequence[str],
+    checkpoint_url: str,
+    out: str,
+    *,
+    top_p: int = 5,
+    features: bool = False,
+    batch_size: int = 256,
+    device: str = "auto",
+    num_workers: int = 2,
+) -> list[dict[str, Any]]:
+    """One work unit (a group of shards) with small, hashable arguments: what a Prefect
+    task wraps. Returns one stats dict per shard."""
+    teacher = get_teacher(
+        checkpoint_url,
+        top_p=top_p,
+        features=features,
+        batch_size=batch_size,
+        device=device,
+        num_workers=num_workers,
+    )
+    return [s.to_dict() for s in teacher.process(list(shard_urls), out)]

@@ -1,0 +1,164 @@
+"""Result tables for people: Parquet (with lineage) plus markdown, and PNG figures.
+
+- The pseudo-label dataset table (one row per labeling method): distinct labels, images,
+  images per label mean and std, and the top-1 of the base model trained on those
+  labels once known (:func:`pseudo_label_table`, :func:`write_pseudo_label_report`),
+  with a histogram of label sizes per method.
+- The transfer table: targets x methods top-1, the best of each row marked
+  (:func:`transfer_table`, :func:`write_transfer_report`).
+
+Inputs are small merged results (per-method label histograms from
+:func:`cvpipe.anchors.label_counts` merged with :func:`cvpipe.anchors.merge_counts`),
+never per-image rows.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from cvpipe import tables
+from cvpipe.storage import write_bytes_atomic
+
+
+def _fmt(v: Any, digits: int) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return ""
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def markdown_table(table: pa.Table, bold: Mapping[int, str] | None = None, digits: int = 2) -> str:
+    """A GitHub markdown table; ``bold[row] = column`` marks one cell per row in bold."""
+    cols = table.column_names
+    rows = table.to_pylist()
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for i, row in enumerate(rows):
+        cells = []
+        for c in cols:
+            s = _fmt(row[c], digits)
+            if bold and bold.get(i) == c and s:
+                s = f"**{s}**"
+            cells.append(s)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------ pseudo-label table
+
+
+def pseudo_label_table(
+    counts_by_method: Mapping[str, Mapping[str, int]],
+    top1: Mapping[str, float] | None = None,
+) -> pa.Table:
+    """One row per method from its label histogram (label -> images); std is the
+    population std of images per label; ``top1`` fills the accuracy column when known."""
+    rows = []
+    for method, counts in counts_by_method.items():
+        c = np.array([v for v in counts.values() if v], np.float64)
+        rows.append(
+            {
+                "method": method,
+                "labels": int(c.size),
+                "images": int(c.sum()),
+                "images_per_label_mean": float(c.mean()) if c.size else math.nan,
+                "images_per_label_std": float(c.std()) if c.size else math.nan,
+                "top1": (top1 or {}).get(method),
+            }
+        )
+    return tables.from_rows(rows, tables.PSEUDO_LABEL_STATS)
+
+
+def label_size_histogram_png(counts_by_method: Mapping[str, Mapping[str, int]]) -> bytes:
+    """PNG: per method, a histogram of label sizes (images per label, log-spaced bins)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(counts_by_method)
+    fig, axes = plt.subplots(
+        len(methods), 1, figsize=(6, 1.8 * max(1, len(methods))), squeeze=False
+    )
+    sizes = [np.array([v for v in counts_by_method[m].values() if v]) for m in methods]
+    top = max((s.max() for s in sizes if s.size), default=1)
+    bins = np.unique(np.geomspace(1, max(2, top) + 1, 30).astype(int))
+    for ax, m, s in zip(axes[:, 0], methods, sizes, strict=True):
+        ax.hist(s, bins=bins, color="C0")
+        ax.set_xscale("log")
+        ax.set_title(f"{m}: {s.size} labels", fontsize=9)
+        ax.set_ylabel("labels", fontsize=8)
+    axes[-1, 0].set_xlabel("images per label")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def write_pseudo_label_report(
+    counts_by_method: Mapping[str, Mapping[str, int]],
+    out_prefix: str,
+    top1: Mapping[str, float] | None = None,
+    lineage: Mapping[str, Any] | None = None,
+) -> dict[str, str]:
+    """Write ``{out_prefix}.parquet``, ``.md`` and ``_sizes.png``; returns their URLs."""
+    table = pseudo_label_table(counts_by_method, top1)
+    urls = {
+        "parquet": f"{out_prefix}.parquet",
+        "markdown": f"{out_prefix}.md",
+        "png": f"{out_prefix}_sizes.png",
+    }
+    lin = {**tables.lineage(), "stage": "pseudo_label_report", **(lineage or {})}
+    tables.write_parquet(table, urls["parquet"], lin)
+    write_bytes_atomic(urls["markdown"], markdown_table(table).encode())
+    write_bytes_atomic(urls["png"], label_size_histogram_png(counts_by_method))
+    return urls
+
+
+# ---------------------------------------------------------------------- transfer table
+
+
+def transfer_table(rows: Iterable[Mapping[str, Any]]) -> pa.Table:
+    """Rows ``{target, method, top1}`` -> one row per target, one column per method
+    (first-seen order), and ``best``: the method with the highest top-1 (first of equals).
+    A (target, method) given twice is an error; missing cells are null."""
+    cells: dict[str, dict[str, float]] = {}
+    methods: list[str] = []
+    for r in rows:
+        t, m = str(r["target"]), str(r["method"])
+        if m not in methods:
+            methods.append(m)
+        if m in cells.setdefault(t, {}):
+            raise ValueError(f"two results for target {t!r}, method {m!r}")
+        cells[t][m] = float(r["top1"])
+    out = []
+    for t, bym in cells.items():
+        known = [(v, -methods.index(m), m) for m, v in bym.items() if not math.isnan(v)]
+        best = max(known)[2] if known else None
+        out.append({"target": t, **{m: bym.get(m) for m in methods}, "best": best})
+    return tables.from_rows(out, tables.transfer_schema(methods))
+
+
+def transfer_markdown(table: pa.Table, digits: int = 2) -> str:
+    """The transfer table in markdown, each row's best top-1 in bold."""
+    bold = {i: b for i, b in enumerate(table.column("best").to_pylist()) if b}
+    return markdown_table(table, bold, digits)
+
+
+def write_transfer_report(
+    rows: Iterable[Mapping[str, Any]], out_prefix: str, lineage: Mapping[str, Any] | None = None
+) -> dict[str, str]:
+    """Write ``{out_prefix}.parquet`` and ``.md``; returns their URLs."""
+    table = transfer_table(rows)
+    urls = {"parquet": f"{out_prefix}.parquet", "markdown": f"{out_prefix}.md"}
+    lin = {**tables.lineage(), "stage": "transfer_report", **(lineage or {})}
+    tables.write_parquet(table, urls["parquet"], lin)
+    write_bytes_atomic(urls["markdown"], transfer_markdown(table).encode())
+    return urls

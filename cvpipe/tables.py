@@ -251,3 +251,30 @@ def transfer_schema(methods: list[str]) -> pa.Schema:
     return pa.schema(
         [("target", pa.string())] + [(m, pa.float64()) for m in methods] + [("best", pa.string())]
     )
+
+
+# Top-K selection (cvpipe/selection.py).
+
+# A persisted partial top-K per class (a map-side result or a merge): the candidates
+# kept so far, located by predictions file and row; top_p, top_k, per-class candidate
+# counts and the covered predictions files are in the lineage.
+TOPK_STATE = pa.schema(
+    [
+        ("label", pa.int32()),
+        ("score", pa.float32()),
+        ("file", pa.string()),  # predictions URL holding the row
+        ("row", pa.int32()),
+    ]
+)
+
+# The selection report: one row per class of the teacher.
+SELECTION_REPORT = pa.schema(
+    [
+        ("label", pa.int32()),
+        ("class_name", pa.string()),
+        ("candidates", pa.int64()),  # images whose top-P holds the class
+        ("selected", pa.int64()),  # min(K, candidates)
+        ("min_score", pa.float32()),  # score of the last selected image (null if none)
+        ("max_score", pa.float32()),
+    ]
+)

@@ -4,8 +4,12 @@ the Prefect UI (the local SQLite-backed API by default, or PREFECT_API_URL's ser
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Any
+
+# The embedded Prefect API would otherwise try to send telemetry off this machine.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 import typer
 from pydantic import ValidationError

@@ -1,0 +1,700 @@
+"""Top-K per class from top-P predictions (Yalniz et al. 2019), as a bounded-memory
+map-reduce.
+
+For each class ``l``: among the images whose first ``P`` predicted classes contain ``l``,
+rank by the score of ``l`` and keep the ``K`` best; equal scores are ordered by key
+(ascending), so the result is one well-defined set whatever the order of the inputs.
+
+- map: :func:`partial_topk` streams one predictions file in record batches;
+- reduce: :func:`merge` folds any number of partials (associative and commutative);
+- :func:`select` runs the tree in one process and writes the selection and its report.
+
+State is numeric: per kept candidate a class, a score and its location (file id, row).
+Each class has a score threshold (its K-th best so far), so most candidates are dropped
+by one vectorized compare; a class is compacted with ``np.partition`` when its buffer
+fills. Memory is O(classes x K) whatever the corpus. Keys are read only to break ties
+(a tie group that straddles the K boundary, or equal scores inside the kept set) and,
+at the end, for the survivors, one predictions file at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from cvpipe import tables
+from cvpipe.shards import shard_id, unit_url
+from cvpipe.storage import is_committed, join, open_atomic, url_to_fs
+
+STAGE = "select"
+BATCH_ROWS = 65_536
+_NEG = np.float32(-np.inf)
+
+
+# ------------------------------------------------------------------------ the state
+
+
+@dataclass
+class TopK:
+    """A (partial) top-K per class. Entries are sorted by class, then rank (score
+    descending, key ascending); ``file`` indexes ``files`` (the sorted URLs of the
+    predictions files that hold a kept row). ``sources`` are all the files covered."""
+
+    top_p: int
+    top_k: int
+    files: list[str]
+    label: np.ndarray  # int32
+    score: np.ndarray  # float32
+    file: np.ndarray  # int32
+    row: np.ndarray  # int32
+    candidates: np.ndarray  # int64 per class: images whose top-P holds it
+    sources: list[str] = field(default_factory=list)
+    model_ids: list[str] = field(default_factory=list)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.candidates)
+
+    def __len__(self) -> int:
+        return len(self.label)
+
+    def counts(self) -> np.ndarray:
+        return np.bincount(self.label, minlength=self.num_classes).astype(np.int64)
+
+    def ranks(self) -> np.ndarray:
+        """1-based rank of each entry within its class."""
+        if not len(self):
+            return np.empty(0, np.int32)
+        starts = np.flatnonzero(np.r_[True, self.label[1:] != self.label[:-1]])
+        sizes = np.diff(np.r_[starts, len(self)])
+        return (np.arange(len(self)) - np.repeat(starts, sizes) + 1).astype(np.int32)
+
+    def thresholds(self) -> np.ndarray:
+        """Per class, the score of the K-th kept entry (-inf when fewer than K): a lower
+        bound that any set containing this one can use to drop candidates early."""
+        thr = np.full(self.num_classes, _NEG, np.float32)
+        full = np.flatnonzero(self.counts() >= self.top_k)
+        if len(full):
+            last = np.searchsorted(self.label, full, side="right") - 1
+            thr[full] = self.score[last]
+        return thr
+
+    def locations(self) -> list[tuple[str, int]]:
+        return [(self.files[f], int(r)) for f, r in zip(self.file, self.row, strict=True)]
+
+    def same_as(self, other: TopK) -> bool:
+        return (
+            self.top_p == other.top_p
+            and self.top_k == other.top_k
+            and self.files == other.files
+            and sorted(self.sources) == sorted(other.sources)
+            and all(
+                np.array_equal(getattr(self, a), getattr(other, a))
+                for a in ("label", "score", "file", "row", "candidates")
+            )
+        )
+
+
+class _Keys:
+    """Keys of predictions rows, read on demand (ties only); a few files are cached."""
+
+    def __init__(self, files: list[str], cache_files: int = 4) -> None:
+        self.files = files
+        self.cache: OrderedDict[int, pa.Array] = OrderedDict()
+        self.cache_files = cache_files
+
+    def column(self, fid: int) -> pa.Array:
+        if fid in self.cache:
+            self.cache.move_to_end(fid)
+            return self.cache[fid]
+        fs, path = url_to_fs(self.files[fid])
+        col = pq.ParquetFile(path, filesystem=fs).read(columns=["key"]).column(0)
+        col = col.combine_chunks()
+        self.cache[fid] = col
+        if len(self.cache) > self.cache_files:
+            self.cache.popitem(last=False)
+        return col
+
+    def sort_keys(self, locs: np.ndarray) -> list[tuple[str, str, int]]:
+        """(key, file URL, row) per location: the full tie-break order."""
+        out: list[tuple[str, str, int] | None] = [None] * len(locs)
+        fids, rows = (locs >> 32).astype(np.int64), (locs & 0xFFFFFFFF).astype(np.int64)
+        for fid in np.unique(fids):
+            idx = np.flatnonzero(fids == fid)
+            keys = self.column(int(fid)).take(pa.array(rows[idx])).to_pylist()
+            url = self.files[int(fid)]
+            for i, k in zip(idx, keys, strict=True):
+                out[i] = (k, url, int(rows[i]))
+        return out  # type: ignore[return-value]
+
+
+class _Accumulator:
+    """Per-class kept arrays plus pending buffers; see the module docstring."""
+
+    def __init__(
+        self, top_p: int, top_k: int, num_classes: int = 0, thresholds: np.ndarray | None = None
+    ) -> None:
+        if top_p < 1 or top_k < 1:
+            raise ValueError("top_p and top_k must be >= 1")
+        self.top_p, self.top_k = top_p, top_k
+        # Compact a class once its buffer holds this many extra candidates: large enough
+        # that np.partition runs rarely, small enough to keep memory near classes x K.
+        self.slack = max(top_k // 2, 64)
+        self.files: list[str] = []
+        self.file_ids: dict[str, int] = {}
+        self.sources: list[str] = []
+        self.model_ids: set[str] = set()
+        self.keys = _Keys(self.files)
+        self.num_classes = 0
+        self.scores: list[list[np.ndarray]] = []
+        self.locs: list[list[np.ndarray]] = []
+        self.sizes = np.zeros(0, np.int64)
+        self.thr = np.zeros(0, np.float32)
+        self.candidates = np.zeros(0, np.int64)
+        self._grow(num_classes)
+        if thresholds is not None:
+            self.raise_thresholds(thresholds)
+
+    def _grow(self, n: int) -> None:
+        if n <= self.num_classes:
+            return
+        extra = n - self.num_classes
+        self.scores += [[] for _ in range(extra)]
+        self.locs += [[] for _ in range(extra)]
+        self.sizes = np.r_[self.sizes, np.zeros(extra, np.int64)]
+        self.thr = np.r_[self.thr, np.full(extra, _NEG, np.float32)]
+        self.candidates = np.r_[self.candidates, np.zeros(extra, np.int64)]
+        self.num_classes = n
+
+    def raise_thresholds(self, thresholds: np.ndarray) -> None:
+        t = np.asarray(thresholds, np.float32)
+        self._grow(len(t))
+        np.maximum(self.thr[: len(t)], t, out=self.thr[: len(t)])
+
+    def file_id(self, url: str) -> int:
+        if url not in self.file_ids:
+            self.file_ids[url] = len(self.files)
+            self.files.append(url)
+        return self.file_ids[url]
+
+    def add_source(self, url: str) -> None:
+        self.sources.append(url)
+
+    def add(self, label: np.ndarray, score: np.ndarray, loc: np.ndarray, count: bool) -> None:
+        if not len(label):
+            return
+        top = int(label.max()) + 1
+        if int(label.min()) < 0:
+            raise ValueError("negative class index in predictions")
+        self._grow(top)
+        if count:
+            self.candidates[:top] += np.bincount(label, minlength=top)
+        keep = score >= self.thr[label]
+        label, score, loc = label[keep], score[keep], loc[keep]
+        if not len(label):
+            return
+        order = np.argsort(label, kind="stable")
+        label, score, loc = label[order], score[order], loc[order]
+        present, starts, sizes = np.unique(label, return_index=True, return_counts=True)
+        for c, s, n in zip(present.tolist(), starts.tolist(), sizes.tolist(), strict=True):
+            self.scores[c].append(score[s : s + n])
+            self.locs[c].append(loc[s : s + n])
+        self.sizes[present] += sizes
+        for c in np.flatnonzero(self.sizes > self.top_k + self.slack).tolist():
+            self._compact(c)
+
+    def _compact(self, c: int) -> None:
+        """Keep the exact top K of class ``c``, (score desc, key asc)."""
+        k = self.top_k
+        s = np.concatenate(self.scores[c]) if len(self.scores[c]) != 1 else self.scores[c][0]
+        loc = np.concatenate(self.locs[c]) if len(self.locs[c]) != 1 else self.locs[c][0]
+        n = len(s)
+        if n > k:
+            kth = np.partition(s, n - k)[n - k]
+            above = np.flatnonzero(s > kth)
+            ties = np.flatnonzero(s == kth)
+            need = k - len(above)
+            if len(ties) > need:  # the K boundary cuts a group of equal scores: by key
+                order = self.keys.sort_keys(loc[ties])
+                ties = ties[sorted(range(len(ties)), key=order.__getitem__)[:need]]
+            keep = np.concatenate([above, ties])
+            s, loc = s[keep], loc[keep]
+            self.thr[c] = max(self.thr[c], kth)
+        self.scores[c], self.locs[c] = [s], [loc]
+        self.sizes[c] = len(s)
+
+    # ------------------------------------------------------------------ inputs
+
+    def add_file(self, url: str, top_p: int) -> None:
+        """Stream one predictions file (classes and scores columns only)."""
+        fs, path = url_to_fs(url)
+        pf = pq.ParquetFile(path, filesystem=fs)
+        meta = (pf.schema_arrow.metadata or {}).get(tables.LINEAGE_KEY)
+        lineage = json.loads(meta) if meta else {}
+        stored_p = lineage.get("top_p")
+        if stored_p is not None and top_p > int(stored_p):
+            raise ValueError(f"{url} holds top-{stored_p} predictions; cannot select top-{top_p}")
+        if lineage.get("model_id"):
+            self.model_ids.add(str(lineage["model_id"]))
+        if lineage.get("num_classes"):
+            self._grow(int(lineage["num_classes"]))
+        fid = self.file_id(url)
+        self.add_source(url)
+        if pf.metadata.num_rows >= 2**31:
+            raise ValueError(f"{url} has too many rows for an int32 row index")
+        row0 = 0
+        for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=["classes", "scores"]):
+            label, score, rows = _candidates(batch, top_p)
+            loc = (np.int64(fid) << 32) | (rows + row0).astype(np.int64)
+            self.add(label, score, loc, count=True)
+            row0 += batch.num_rows
+
+    def add_topk(self, part: TopK) -> None:
+        if self.top_k != part.top_k or self.top_p != part.top_p:
+            raise ValueError(
+                f"cannot merge top-{part.top_p}/K={part.top_k} into top-{self.top_p}/K={self.top_k}"
+            )
+        overlap = set(part.sources) & set(self.sources)
+        if overlap:
+            raise ValueError(f"partials overlap (e.g. {sorted(overlap)[0]}): merge disjoint ones")
+        self.sources += part.sources
+        self.model_ids.update(part.model_ids)
+        self._grow(part.num_classes)
+        self.candidates[: part.num_classes] += part.candidates
+        self.raise_thresholds(part.thresholds())
+        remap = np.array([self.file_id(u) for u in part.files], np.int64)
+        if len(part):
+            loc = (remap[part.file] << 32) | part.row.astype(np.int64)
+            self.add(part.label, part.score, loc, count=False)
+
+    # ------------------------------------------------------------------ output
+
+    def result(self) -> TopK:
+        labels, scores, locs = [], [], []
+        for c in range(self.num_classes):
+            if not self.sizes[c]:
+                continue
+            self._compact(c)
+            s, loc = self.scores[c][0], self.locs[c][0]
+            order = np.argsort(-s, kind="stable")
+            s, loc = s[order], loc[order]
+            # equal scores inside the kept set: their ranks follow the keys
+            same = np.flatnonzero(s[1:] == s[:-1])
+            if len(same):
+                starts = same[np.r_[True, np.diff(same) > 1]]
+                for a in starts.tolist():
+                    b = a + 1
+                    while b < len(s) and s[b] == s[a]:
+                        b += 1
+                    keys = self.keys.sort_keys(loc[a:b])
+                    loc[a:b] = loc[a:b][sorted(range(b - a), key=keys.__getitem__)]
+            labels.append(np.full(len(s), c, np.int32))
+            scores.append(s)
+            locs.append(loc)
+            self.scores[c], self.locs[c] = [], []  # release as we go
+        label = np.concatenate(labels) if labels else np.empty(0, np.int32)
+        score = np.concatenate(scores) if scores else np.empty(0, np.float32)
+        loc = np.concatenate(locs) if locs else np.empty(0, np.int64)
+        del labels, scores, locs
+        fids = (loc >> 32).astype(np.int64)
+        used = np.unique(fids)
+        names = [self.files[i] for i in used.tolist()]
+        order = np.argsort(names, kind="stable") if names else np.empty(0, np.int64)
+        files = [names[i] for i in order]
+        new_id = np.zeros(len(self.files), np.int32)
+        new_id[used[order]] = np.arange(len(used), dtype=np.int32)
+        return TopK(
+            top_p=self.top_p,
+            top_k=self.top_k,
+            files=files,
+            label=label,
+            score=score.astype(np.float32, copy=False),
+            file=new_id[fids] if len(fids) else np.empty(0, np.int32),
+            row=(loc & 0xFFFFFFFF).astype(np.int32),
+            candidates=self.candidates.copy(),
+            sources=sorted(self.sources),
+            model_ids=sorted(self.model_ids),
+        )
+
+
+def _candidates(batch: pa.RecordBatch, top_p: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(class, score, row-in-batch) of the first ``top_p`` entries of each row."""
+    classes, scores = batch.column(0), batch.column(1)
+    n = batch.num_rows
+    lengths = pc.fill_null(pc.list_value_length(classes), 0).to_numpy().astype(np.int64)
+    slengths = pc.fill_null(pc.list_value_length(scores), 0).to_numpy().astype(np.int64)
+    if not np.array_equal(lengths, slengths):
+        raise ValueError("predictions rows whose classes and scores differ in length")
+    values = classes.flatten().to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
+    svalues = scores.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    if n and (lengths == lengths[0]).all():  # the usual case: every row holds P entries
+        p = int(lengths[0])
+        q = min(p, top_p)
+        label = values.reshape(n, p)[:, :q].reshape(-1)
+        score = svalues.reshape(n, p)[:, :q].reshape(-1)
+        rows = np.repeat(np.arange(n, dtype=np.int64), q)
+        return label, score, rows
+    starts = np.cumsum(lengths) - lengths
+    pos = np.arange(len(values)) - np.repeat(starts, lengths)
+    keep = pos < top_p
+    rows = np.repeat(np.arange(n, dtype=np.int64), lengths)[keep]
+    return values[keep], svalues[keep], rows
+
+
+# --------------------------------------------------------------------- public API
+
+
+def partial_topk(
+    predictions_url: str, top_p: int, top_k: int, thresholds: np.ndarray | None = None
+) -> TopK:
+    """Map step: the top-K per class of one predictions file. ``thresholds`` (per class,
+    e.g. :meth:`TopK.thresholds` of another partial) let it drop candidates that cannot
+    make the final cut; the result of the reduce is the same with or without them."""
+    acc = _Accumulator(top_p, top_k, thresholds=thresholds)
+    acc.add_file(predictions_url, top_p)
+    return acc.result()
+
+
+def merge(parts: Iterable[TopK], thresholds: np.ndarray | None = None) -> TopK:
+    """Reduce step: the top-K of the union of disjoint partials. Parts are consumed one
+    at a time (pass a generator to hold one in memory at once); any grouping and any
+    order give the same result."""
+    acc: _Accumulator | None = None
+    for part in parts:
+        if acc is None:
+            acc = _Accumulator(part.top_p, part.top_k, part.num_classes, thresholds)
+        acc.add_topk(part)
+    if acc is None:
+        raise ValueError("merge() needs at least one partial")
+    return acc.result()
+
+
+def _tree(
+    urls: Sequence[str], top_p: int, top_k: int, fan_in: int, hint: np.ndarray | None
+) -> TopK:
+    """Depth-first tree over the files: groups of ``fan_in`` merged level by level.
+    Every finished node raises the shared thresholds, so later leaves keep little."""
+    state = {"thr": hint}
+
+    def note(t: TopK) -> TopK:
+        thr = t.thresholds()
+        if state["thr"] is None:
+            state["thr"] = thr
+        else:
+            old = state["thr"]
+            n = max(len(old), len(thr))
+            a = np.r_[old, np.full(n - len(old), _NEG, np.float32)]
+            b = np.r_[thr, np.full(n - len(thr), _NEG, np.float32)]
+            state["thr"] = np.maximum(a, b)
+        return t
+
+    def node(chunk: Sequence[str]) -> TopK:
+        if len(chunk) == 1:
+            return note(partial_topk(chunk[0], top_p, top_k, state["thr"]))
+        step = math.ceil(len(chunk) / fan_in)
+        children = (node(chunk[i : i + step]) for i in range(0, len(chunk), step))
+        return note(merge(children, state["thr"]))
+
+    return node(list(urls))
+
+
+def select(
+    prediction_urls: Sequence[str],
+    top_p: int,
+    top_k: int,
+    out: str,
+    fan_in: int = 64,
+    classes: Sequence[str] | None = None,
+    num_classes: int | None = None,
+) -> dict[str, Any]:
+    """Select the top-K images per class from predictions files and write
+    ``OUT/selection.parquet`` (:data:`tables.SELECTION`, ordered by shard then row),
+    ``OUT/selection_report.parquet`` and ``OUT/selection_report.md``. Returns the report.
+    Skipped (report read back) when the selection is committed."""
+    if fan_in < 2:
+        raise ValueError("fan_in must be >= 2")
+    urls = sorted(dict.fromkeys(prediction_urls))
+    if not urls:
+        raise ValueError("no predictions files to select from")
+    if is_committed(selection_url(out)) and is_committed(report_url(out)):
+        return read_report(out)
+    result = _tree(urls, top_p, top_k, fan_in, None)
+    return finalize(result, out, classes=classes, num_classes=num_classes)
+
+
+def selection_url(out: str) -> str:
+    return join(out, "selection.parquet")
+
+
+def report_url(out: str) -> str:
+    return join(out, "selection_report.parquet")
+
+
+def report_md_url(out: str) -> str:
+    return join(out, "selection_report.md")
+
+
+def _first_lineage(urls: Sequence[str]) -> dict[str, Any]:
+    for u in urls[:1]:
+        return tables.read_lineage(u)
+    return {}
+
+
+def finalize(
+    result: TopK,
+    out: str,
+    classes: Sequence[str] | None = None,
+    num_classes: int | None = None,
+) -> dict[str, Any]:
+    """Resolve the survivors' keys and shards (one predictions file at a time), write
+    the selection, the per-class report (Parquet and markdown), and return the report."""
+    if len(result.model_ids) > 1:
+        raise ValueError(f"predictions from several teachers: {result.model_ids}")
+    pred_lineage = _first_lineage(result.sources)
+    n_classes = max(result.num_classes, num_classes or 0, int(pred_lineage.get("num_classes", 0)))
+    if classes is None:
+        classes = _teacher_classes(pred_lineage.get("checkpoint"))
+    if classes is not None:
+        n_classes = max(n_classes, len(classes))
+    lineage = tables.lineage(
+        {
+            "stage": STAGE,
+            "top_p": result.top_p,
+            "top_k": result.top_k,
+            "model_id": pred_lineage.get("model_id"),
+            "sources": result.sources,
+        },
+        stage=STAGE,
+        top_p=result.top_p,
+        top_k=result.top_k,
+        model_id=result.model_ids[0] if result.model_ids else pred_lineage.get("model_id"),
+        checkpoint=pred_lineage.get("checkpoint"),
+        num_classes=n_classes,
+        classes=list(classes) if classes is not None else None,
+        predictions=len(result.sources),
+    )
+    _write_selection(result, selection_url(out), lineage)
+    report = _report(result, n_classes, classes)
+    tables.write_parquet(report, report_url(out), lineage)
+    summary = _summary(report, result)
+    with open_atomic(report_md_url(out)) as f:
+        f.write(_markdown(summary, report).encode())
+    return summary
+
+
+def _teacher_classes(checkpoint: str | None) -> list[str] | None:
+    if not checkpoint:
+        return None
+    from cvpipe.models import CheckpointError, load_info
+
+    try:
+        return list(load_info(checkpoint).classes)
+    except (CheckpointError, OSError):
+        return None  # the report falls back to class indices
+
+
+def _write_selection(result: TopK, url: str, lineage: dict[str, Any]) -> None:
+    """Stream the selection file by file, so keys are never all in memory at once."""
+    ranks = result.ranks()
+    order = np.lexsort((result.row, result.file)) if len(result) else np.empty(0, np.int64)
+    schema = tables.SELECTION.with_metadata(
+        {tables.LINEAGE_KEY: json.dumps(lineage, sort_keys=True, default=str).encode()}
+    )
+    bounds = np.searchsorted(result.file[order], np.arange(len(result.files) + 1))
+    # Straight into the atomic file: the selection can be larger than memory allows.
+    with open_atomic(url) as f, pq.ParquetWriter(f, schema, compression="zstd") as writer:
+        for fid, url_ in enumerate(result.files):
+            idx = order[bounds[fid] : bounds[fid + 1]]
+            fs, path = url_to_fs(url_)
+            cols = pq.ParquetFile(path, filesystem=fs).read(columns=["key", "shard"])
+            take = pa.array(result.row[idx].astype(np.int64))
+            writer.write_batch(  # one row group per predictions file, i.e. per shard
+                pa.record_batch(
+                    [
+                        cols.column("key").take(take).combine_chunks(),
+                        cols.column("shard").take(take).combine_chunks(),
+                        pa.array(result.label[idx], pa.int32()),
+                        pa.array(result.score[idx], pa.float32()),
+                        pa.array(ranks[idx], pa.int32()),
+                    ],
+                    schema=schema,
+                )
+            )
+
+
+def _report(result: TopK, n_classes: int, classes: Sequence[str] | None) -> pa.Table:
+    counts = np.bincount(result.label, minlength=n_classes)[:n_classes]
+    cands = np.zeros(n_classes, np.int64)
+    cands[: result.num_classes] = result.candidates
+    min_s = np.full(n_classes, np.nan, np.float32)
+    max_s = np.full(n_classes, np.nan, np.float32)
+    if len(result):
+        first = np.searchsorted(result.label, np.arange(n_classes), side="left")
+        last = np.searchsorted(result.label, np.arange(n_classes), side="right") - 1
+        has = counts > 0
+        max_s[has] = result.score[first[has]]
+        min_s[has] = result.score[last[has]]
+    names = [classes[i] if classes is not None else str(i) for i in range(n_classes)]
+    return pa.Table.from_arrays(
+        [
+            pa.array(np.arange(n_classes, dtype=np.int32)),
+            pa.array(names, pa.string()),
+            pa.array(cands),
+            pa.array(counts.astype(np.int64)),
+            pa.array(min_s, pa.float32(), mask=np.isnan(min_s)),
+            pa.array(max_s, pa.float32(), mask=np.isnan(max_s)),
+        ],
+        schema=tables.SELECTION_REPORT,
+    )
+
+
+def _summary(report: pa.Table, result: TopK) -> dict[str, Any]:
+    sel = report.column("selected").to_numpy()
+    names = report.column("class_name").to_pylist()
+    short = [names[i] for i in np.flatnonzero(sel < result.top_k)]
+    return {
+        "top_p": result.top_p,
+        "top_k": result.top_k,
+        "predictions_files": len(result.sources),
+        "classes": len(sel),
+        "selected": int(sel.sum()),
+        "candidates": int(report.column("candidates").to_numpy().sum()),
+        "images_per_class_mean": float(sel.mean()) if len(sel) else 0.0,
+        "images_per_class_std": float(sel.std()) if len(sel) else 0.0,
+        "images_per_class_min": int(sel.min()) if len(sel) else 0,
+        "images_per_class_max": int(sel.max()) if len(sel) else 0,
+        "classes_below_k": len(short),
+        "classes_below_k_names": short[:100],
+    }
+
+
+def _markdown(summary: dict[str, Any], report: pa.Table) -> str:
+    s = summary
+    lines = [
+        f"# Top-K selection (P={s['top_p']}, K={s['top_k']})",
+        "",
+        f"- predictions files: {s['predictions_files']}",
+        f"- candidates (image, class) pairs: {s['candidates']}",
+        f"- selected: {s['selected']} over {s['classes']} classes",
+        f"- images per class: mean {s['images_per_class_mean']:.1f}, "
+        f"std {s['images_per_class_std']:.1f}, min {s['images_per_class_min']}, "
+        f"max {s['images_per_class_max']}",
+        f"- classes with fewer than K: {s['classes_below_k']}",
+        "",
+    ]
+    if s["classes_below_k"]:
+        lines += ["| class | candidates | selected |", "|---|---:|---:|"]
+        below = report.filter(pc.less(report.column("selected"), s["top_k"]))
+        for r in below.slice(0, 50).to_pylist():
+            lines.append(f"| {r['class_name']} | {r['candidates']} | {r['selected']} |")
+        if below.num_rows > 50:
+            lines.append(f"| ... {below.num_rows - 50} more | | |")
+    return "\n".join(lines) + "\n"
+
+
+def read_report(out: str) -> dict[str, Any]:
+    """The summary of a committed selection, read back from its report table."""
+    report = tables.read_parquet(report_url(out))
+    lin = tables.read_lineage(report_url(out))
+    sel = report.column("selected").to_numpy()
+    names = report.column("class_name").to_pylist()
+    k = int(lin["top_k"])
+    short = [names[i] for i in np.flatnonzero(sel < k)]
+    return {
+        "top_p": int(lin["top_p"]),
+        "top_k": k,
+        "predictions_files": int(lin.get("predictions", 0)),
+        "classes": len(sel),
+        "selected": int(sel.sum()),
+        "candidates": int(report.column("candidates").to_numpy().sum()),
+        "images_per_class_mean": float(sel.mean()) if len(sel) else 0.0,
+        "images_per_class_std": float(sel.std()) if len(sel) else 0.0,
+        "images_per_class_min": int(sel.min()) if len(sel) else 0,
+        "images_per_class_max": int(sel.max()) if len(sel) else 0,
+        "classes_below_k": len(short),
+        "classes_below_k_names": short[:100],
+        "skipped": True,
+    }
+
+
+# ------------------------------------------------- persisted partials (work units)
+
+
+def write_topk(t: TopK, url: str) -> None:
+    files = pa.array(t.files, pa.string())
+    table = pa.Table.from_arrays(
+        [
+            pa.array(t.label, pa.int32()),
+            pa.array(t.score, pa.float32()),
+            pa.DictionaryArray.from_arrays(pa.array(t.file, pa.int32()), files).cast(pa.string()),
+            pa.array(t.row, pa.int32()),
+        ],
+        schema=tables.TOPK_STATE,
+    )
+    lineage = tables.lineage(
+        None,
+        stage=STAGE + "/partial",
+        top_p=t.top_p,
+        top_k=t.top_k,
+        candidates=t.candidates.tolist(),
+        sources=t.sources,
+        model_ids=t.model_ids,
+    )
+    tables.write_parquet(table, url, lineage)
+
+
+def read_topk(url: str) -> TopK:
+    lin = tables.read_lineage(url)
+    table = tables.read_parquet(url)
+    files = pc.unique(table.column("file")).to_pylist()
+    files = sorted(files)
+    ids = pc.index_in(table.column("file"), value_set=pa.array(files, pa.string()))
+    return TopK(
+        top_p=int(lin["top_p"]),
+        top_k=int(lin["top_k"]),
+        files=files,
+        label=table.column("label").to_numpy().astype(np.int32),
+        score=table.column("score").to_numpy().astype(np.float32),
+        file=ids.to_numpy().astype(np.int32),
+        row=table.column("row").to_numpy().astype(np.int32),
+        candidates=np.asarray(lin["candidates"], np.int64),
+        sources=list(lin["sources"]),
+        model_ids=list(lin["model_ids"]),
+    )
+
+
+def partial_url(out: str, predictions_url: str) -> str:
+    return unit_url(out, "selection_parts/map", shard_id(predictions_url))
+
+
+def partial_unit(predictions_url: str, top_p: int, top_k: int, out: str) -> str:
+    """One map work unit: the partial of one predictions file, persisted as Parquet
+    under ``OUT/selection_parts/map/<partition>/<stem>.parquet``; skipped if committed."""
+    url = partial_url(out, predictions_url)
+    if not is_committed(url):
+        write_topk(partial_topk(predictions_url, top_p, top_k), url)
+    return url
+
+
+def merge_unit(part_urls: Sequence[str], out_url: str) -> str:
+    """One reduce work unit: merge persisted partials (read one at a time) into
+    ``out_url``; skipped if committed."""
+    if not is_committed(out_url):
+        write_topk(merge(read_topk(u) for u in part_urls), out_url)
+    return out_url
+
+
+def finalize_unit(topk_url: str, out: str, classes: Sequence[str] | None = None) -> dict[str, Any]:
+    """The last work unit: the selection and report from the root partial."""
+    if is_committed(selection_url(out)) and is_committed(report_url(out)):
+        return read_report(out)
+    return finalize(read_topk(topk_url), out, classes=classes)

@@ -524,11 +524,27 @@ def train(
     resumes after the last epoch with committed weights and state. Deterministic for a
     given config on CPU (same seed, same shards: same weights, crash or no crash).
     """
+    train_urls = list(train_urls)
+    # What the outputs under ``out`` depend on: resuming or skipping with anything else
+    # would hand back a model of another run.
+    chash = tables.config_hash(
+        {
+            "config": cfg.model_dump(mode="json"),
+            "train": train_urls,
+            "val": list(val_urls or ()),
+            "init": init_checkpoint,
+        }
+    )
     final = final_url(out)
     if is_committed(final):
+        have = models.load_info(final).lineage.get("run_hash")
+        if have != chash:
+            raise TrainingError(
+                f"{final} was trained by another run (hash {have}, now {chash}): "
+                "use a new output folder"
+            )
         log.info("train: %s is committed, skipping", final)
         return final
-    train_urls = list(train_urls)
     if not train_urls:
         raise TrainingError("no training shards")
     device = models.resolve_device(cfg.device)
@@ -544,7 +560,6 @@ def train(
     else:
         classes = discover_classes(train_urls)
     input_size = cfg.input_size or ARCHITECTURES[cfg.arch].input_size
-    chash = tables.config_hash(cfg)
 
     seed_everything(cfg.seed)
     model, init_lineage = initial_model(cfg, classes, init_checkpoint)
@@ -563,6 +578,7 @@ def train(
         lineage=tables.lineage(
             cfg,
             stage="train",
+            run_hash=chash,
             train_config=cfg.model_dump(mode="json"),
             train_shards=len(train_urls),
             val_shards=len(val_urls or ()),
@@ -574,10 +590,10 @@ def train(
     start_epoch = last_epoch(out)
     if start_epoch:
         state = _load_state(state_url(out, start_epoch))
-        if state.get("config_hash") != chash:
+        if state.get("run_hash") != chash:
             raise TrainingError(
-                f"{out} holds epochs of another config ({state.get('config_hash')} != {chash}); "
-                "use a new output folder"
+                f"{out} holds epochs of another run (hash {state.get('run_hash')}, now "
+                f"{chash}): use a new output folder"
             )
         weights, _ = models.load_checkpoint(epoch_checkpoint_url(out, start_epoch))
         model.load_state_dict(weights.state_dict())
@@ -634,7 +650,7 @@ def train(
             state_url(out, e),
             {
                 "epoch": e,
-                "config_hash": chash,
+                "run_hash": chash,
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "rng": rng_state(),

@@ -1,0 +1,115 @@
+"""Teacher -> selection -> materialized shards, on real digit shards."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections import Counter
+
+import pytest
+import torch
+
+from cvpipe import materialize, models, selection, tables
+from cvpipe.inference import Teacher, predictions_url
+from cvpipe.loader import ShardDataset
+from cvpipe.shards import Sample, iter_shard, read_shard_samples, shard_id
+
+CLASSES = [f"digit_{i}" for i in range(10)]
+
+
+@pytest.fixture(scope="module")
+def pipeline(digits_shards, tmp_path_factory: pytest.TempPathFactory):
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("mat")
+    torch.manual_seed(1)
+    model = models.build("small_cnn", 10)
+    ckpt = str(root / "teacher.pt")
+    models.save_checkpoint(model, models.ModelInfo("small_cnn", CLASSES, 16), ckpt)
+    shards = digits_shards["unlabeled"][:2]
+    Teacher(ckpt, device="cpu", batch_size=50, top_p=3, num_workers=0).process(
+        shards, str(root / "infer")
+    )
+    preds = [predictions_url(str(root / "infer"), shard_id(u)) for u in shards]
+    selection.select(preds, top_p=3, top_k=25, out=str(root / "sel"))
+    return {"root": root, "ckpt": ckpt, "shards": shards, "sel": selection.selection_url(
+        str(root / "sel"))}  # fmt: skip
+
+
+def test_replicates_per_class_with_provenance(pipeline, digits_shards):
+    out = str(pipeline["root"] / "student")
+    stats = materialize.materialize(pipeline["sel"], pipeline["shards"], out)
+    sel = tables.read_parquet(pipeline["sel"]).to_pylist()
+    assert sum(s.written for s in stats) == len(sel) > 25
+    assert all(s.missing == 0 and not s.skipped for s in stats)
+    by_key = Counter(r["key"] for r in sel)
+    multi = [k for k, n in by_key.items() if n > 1]
+    assert multi, "the test needs an image selected for two classes"
+    teacher = models.model_id(pipeline["ckpt"])
+    for url in pipeline["shards"]:
+        sid = shard_id(url)
+        out_url = materialize.output_url(out, sid)
+        assert out_url.endswith(os.path.join("shards", "unlabeled", sid.split("/")[1] + ".tar"))
+        source = {s.key: s for s in read_shard_samples(url, decode=False)[0]}
+        written, rejects = read_shard_samples(out_url, decode=False)
+        assert not rejects
+        expect = {(r["key"], r["label"]): r for r in sel if r["shard"] == sid}
+        assert len(written) == len(expect)
+        for s in written:
+            assert re.fullmatch(r"[A-Za-z0-9_-]+", s.key)
+            src_key, cls = s.meta["source_key"], s.meta["pseudo"]["class"]
+            assert s.key == f"{src_key}_c{cls}"
+            row = expect[(src_key, cls)]
+            assert s.data == source[src_key].data  # bytes copied, not re-encoded
+            assert s.ext == source[src_key].ext
+            assert s.meta["label"] == CLASSES[cls]
+            assert s.meta["source"] == source[src_key].meta["source"]
+            p = s.meta["pseudo"]
+            assert (p["teacher"], p["top_p"], p["top_k"]) == (teacher, 3, 25)
+            assert p["rank"] == row["rank"] and p["score"] == pytest.approx(row["score"])
+    # a multi-class image is there once per class
+    k = multi[0]
+    sid = next(r["shard"] for r in sel if r["key"] == k)
+    keys = [s.key for s in read_shard_samples(materialize.output_url(out, sid))[0]]
+    assert sum(x.startswith(k + "_c") for x in keys) == by_key[k]
+    # the student's loader reads the pseudo-label by class name
+    urls = [materialize.output_url(out, shard_id(u)) for u in pipeline["shards"]]
+    ds = ShardDataset(urls, models.preprocess(models.load_info(pipeline["ckpt"])), classes=CLASSES)
+    items = list(ds)
+    assert len(items) == len(sel)
+    assert Counter(it["label"] for it in items) == Counter(r["label"] for r in sel)
+
+
+def test_rerun_writes_nothing_and_empty_shards_commit(pipeline, digits_shards):
+    out = str(pipeline["root"] / "again")
+    other = digits_shards["test"][0]  # nothing of it was selected
+    first = materialize.materialize(pipeline["sel"], [*pipeline["shards"], other], out)
+    assert first[2].written == 0 and first[2].selected == 0
+    assert list(iter_shard(materialize.output_url(out, shard_id(other)))) == []
+    files = {
+        os.path.join(d, n): os.stat(os.path.join(d, n)).st_mtime_ns
+        for d, _, ns in os.walk(out)
+        for n in ns
+    }
+    assert len(files) == 3
+    again = materialize.materialize(pipeline["sel"], [*pipeline["shards"], other], out)
+    assert all(s.skipped for s in again)
+    assert [s.written for s in again] == [s.written for s in first]
+    after = {
+        os.path.join(d, n): os.stat(os.path.join(d, n)).st_mtime_ns
+        for d, _, ns in os.walk(out)
+        for n in ns
+    }
+    assert after == files
+
+
+def test_class_names_from_checkpoint_and_teacher_checked(pipeline, tmp_path):
+    prov = materialize.provenance(pipeline["sel"], checkpoint=pipeline["ckpt"])
+    assert prov.classes == tuple(CLASSES)
+    assert materialize.provenance(pipeline["sel"]).classes == tuple(CLASSES)
+    other = str(tmp_path / "other.pt")
+    models.save_checkpoint(
+        models.build("small_cnn", 10), models.ModelInfo("small_cnn", CLASSES, 16), other
+    )
+    with pytest.raises(ValueError, match="teacher"):
+        materialize.provenance(pipeline["sel"], checkpoint=other)
+    assert isinstance(next(iter(iter_shard(pipeline["shards"][0], decode=False))), Sample)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import struct
 import warnings
 from dataclasses import dataclass
 
@@ -23,6 +24,7 @@ SHARD_EXTENSION = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 # Never decode a partial image: a truncated file is a reject, not a grey bottom half.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 Image.MAX_IMAGE_PIXELS = DEFAULT_MAX_PIXELS
+_PIL_LIMIT = DEFAULT_MAX_PIXELS
 
 
 class RejectedImage(ValueError):
@@ -39,7 +41,50 @@ class ImageHeader:
     format: str  # JPEG | PNG | WEBP | other Pillow format names
     width: int
     height: int
-    mode: str
+
+
+_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def _sniff(data: bytes) -> ImageHeader | None:
+    """Format and size of a PNG, JPEG or WebP read straight from its header bytes
+    (Pillow's open costs more than the rest of ingest together). None when unsure:
+    the caller then asks Pillow, which also gives the precise error."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and len(data) >= 24:
+        w, h = struct.unpack(">II", data[16:24])
+        return ImageHeader("PNG", w, h)
+    if data[:2] == b"\xff\xd8":
+        i, n = 2, len(data)
+        while i + 4 <= n:
+            if data[i] != 0xFF:
+                return None
+            marker = data[i + 1]
+            if marker == 0xFF:  # fill byte
+                i += 1
+                continue
+            if marker in _JPEG_SOF:
+                if i + 9 > n:
+                    return None
+                h, w = struct.unpack(">HH", data[i + 5 : i + 9])
+                return ImageHeader("JPEG", w, h)
+            if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+                i += 2
+                continue
+            i += 2 + struct.unpack(">H", data[i + 2 : i + 4])[0]
+        return None
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP" and len(data) >= 30:
+        chunk = data[12:16]
+        if chunk == b"VP8 " and data[23:26] == b"\x9d\x01\x2a":
+            w, h = struct.unpack("<HH", data[26:30])
+            return ImageHeader("WEBP", w & 0x3FFF, h & 0x3FFF)
+        if chunk == b"VP8L" and data[20] == 0x2F:
+            bits = int.from_bytes(data[21:25], "little")
+            return ImageHeader("WEBP", (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1)
+        if chunk == b"VP8X":
+            w = int.from_bytes(data[24:27], "little") + 1
+            h = int.from_bytes(data[27:30], "little") + 1
+            return ImageHeader("WEBP", w, h)
+    return None
 
 
 def _decode_error(e: Exception) -> RejectedImage:
@@ -64,12 +109,15 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
         ) from None
     except (OSError, SyntaxError, ValueError) as e:
         raise _decode_error(e) from None
-    w, h = im.size
+    _check_size(*im.size, max_pixels)
+    return im
+
+
+def _check_size(w: int, h: int, max_pixels: int) -> None:
     if w <= 0 or h <= 0:
         raise RejectedImage("corrupt_image", f"invalid size {w}x{h}")
     if w * h > max_pixels:
         raise RejectedImage("too_many_pixels", f"{w}x{h} = {w * h} pixels > limit {max_pixels}")
-    return im
 
 
 def _check_complete(fmt: str, data: bytes) -> None:
@@ -90,9 +138,15 @@ def _check_complete(fmt: str, data: bytes) -> None:
 def inspect(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageHeader:
     """Validate an image from its header and trailer only (no pixel decoding): the fast
     check done at ingest. Raises :class:`RejectedImage`."""
-    im = _open(data, max_pixels)
-    _check_complete(im.format or "", data)
-    return ImageHeader(im.format or "", im.size[0], im.size[1], im.mode)
+    if not data:
+        raise RejectedImage("empty_image", "zero-byte image")
+    header = _sniff(data)
+    if header is None:
+        im = _open(data, max_pixels)
+        header = ImageHeader(im.format or "", im.size[0], im.size[1])
+    _check_size(header.width, header.height, max_pixels)
+    _check_complete(header.format, data)
+    return header
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
@@ -125,7 +179,16 @@ def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
 
     Raises :class:`RejectedImage` with a precise reason for anything unusable.
     """
-    im = _open(data, max_pixels)
+    header = _sniff(data)
+    if header is not None and header.width * header.height <= min(max_pixels, _PIL_LIMIT):
+        # Below every limit: skip the warnings guard, and tell Pillow the format.
+        _check_size(header.width, header.height, max_pixels)
+        try:
+            im = Image.open(io.BytesIO(data), formats=[header.format])
+        except (OSError, SyntaxError, ValueError) as e:
+            raise _decode_error(e) from None
+    else:
+        im = _open(data, max_pixels)
     if im.format not in SHARD_EXTENSION:
         raise RejectedImage("unsupported_format", f"{im.format} images are not accepted")
     try:
@@ -138,8 +201,9 @@ def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
         raise RejectedImage(reason, msg) from None
     except (SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise RejectedImage("corrupt_image", f"{type(e).__name__}: {e}") from None
-    with contextlib.suppress(Exception):  # a broken EXIF block is not worth the image
-        im = ImageOps.exif_transpose(im)
+    if "exif" in im.info:  # parsing EXIF costs; most images carry none
+        with contextlib.suppress(Exception):  # a broken EXIF block is not worth the image
+            im = ImageOps.exif_transpose(im)
     return to_rgb(im)
 
 

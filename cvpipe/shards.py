@@ -14,17 +14,15 @@ a shard and nothing is dropped silently.
 
 from __future__ import annotations
 
-import io
 import json
 import posixpath
-import tarfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 from PIL import Image
 
-from cvpipe import images
+from cvpipe import images, tario
 from cvpipe.storage import join, open_atomic, url_to_fs
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # in order of preference within a sample
@@ -83,31 +81,19 @@ class Sample:
 # ---------------------------------------------------------------------------- writing
 
 
-def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
-    # Fixed owner, mode and mtime: the same samples give byte-identical shards.
-    ti = tarfile.TarInfo(name)
-    ti.size = size
-    ti.mtime = 0
-    ti.mode = 0o644
-    ti.uid = ti.gid = 0
-    ti.uname = ti.gname = ""
-    return ti
-
-
 class ShardWriter:
     """Writes samples into one tar opened on a binary file object."""
 
     def __init__(self, fileobj: BinaryIO):
-        self._tar = tarfile.open(fileobj=fileobj, mode="w", format=tarfile.PAX_FORMAT)  # noqa: SIM115
+        self._f = fileobj
         self.count = 0
 
     def add(self, key: str, members: dict[str, bytes]) -> None:
-        for ext, data in members.items():
-            self._tar.addfile(_tarinfo(f"{key}.{ext}", len(data)), io.BytesIO(data))
+        self._f.write(b"".join(tario.member_bytes(f"{key}.{ext}", d) for ext, d in members.items()))
         self.count += 1
 
     def close(self) -> None:
-        self._tar.close()
+        self._f.write(tario.END_OF_ARCHIVE)
 
 
 def encode_meta(meta: dict[str, Any]) -> bytes:
@@ -213,13 +199,8 @@ def iter_shard(
     group: _Group | None = None
     with fs.open(path, "rb") as f:
         try:
-            tar = tarfile.open(fileobj=f, mode="r|")  # noqa: SIM115 (closed with f)
-        except (tarfile.TarError, EOFError, OSError) as e:
-            yield reject("", "corrupt_tar", f"cannot open tar: {e}")
-            return
-        try:
-            for info in tar:
-                if info.isdir():
+            for info, data in tario.iter_members(f):
+                if info.kind == "dir":
                     continue
                 key, ext = _split_member(info.name)
                 if group is None or key != group.key:
@@ -230,7 +211,7 @@ def iter_shard(
                 if why:
                     group.problem = ("unsafe_member", f"{info.name!r}: {why}")
                     continue
-                if not info.isfile():
+                if info.kind != "file":
                     group.problem = ("unsafe_member", f"{info.name!r} is a link or device")
                     continue
                 if ext not in IMAGE_EXTS and ext not in TEXT_EXTS and ext != "json":
@@ -246,10 +227,9 @@ def iter_shard(
                         f"{info.name!r} is {info.size} bytes > {max_member_bytes}",
                     )
                     continue
-                member = tar.extractfile(info)
-                group.members[ext] = member.read() if member is not None else b""
-        except (tarfile.TarError, EOFError, OSError) as e:
-            yield reject(group.key if group else "", "corrupt_tar", f"{type(e).__name__}: {e}")
+                group.members[ext] = tario.read_data(info, data)
+        except (tario.CorruptTar, OSError) as e:
+            yield reject(group.key if group else "", "corrupt_tar", str(e))
             return
     if group is not None:
         yield finish(group)

@@ -66,3 +66,31 @@ def test_pillow_bomb_warning_is_an_error():
     with pytest.raises(images.RejectedImage) as e:
         images.decode(data, max_pixels=10**12)
     assert e.value.reason == "too_many_pixels"
+
+
+@pytest.mark.parametrize(
+    ("fmt", "mode", "options"),
+    [
+        ("PNG", "RGB", {}),
+        ("PNG", "L", {}),
+        ("PNG", "RGBA", {}),
+        ("JPEG", "RGB", {}),
+        ("JPEG", "L", {}),
+        ("JPEG", "RGB", {"progressive": True}),
+        ("JPEG", "CMYK", {}),
+        ("WEBP", "RGB", {"lossless": True}),
+        ("WEBP", "RGBA", {}),
+        ("WEBP", "RGB", {"quality": 70}),
+        ("GIF", "P", {}),
+    ],
+)
+def test_header_sniffing_agrees_with_pillow(fmt, mode, options):
+    import io
+
+    from PIL import Image
+
+    im = Image.new(mode, (53, 37))
+    buf = io.BytesIO()
+    im.save(buf, format=fmt, **options)
+    header = images.inspect(buf.getvalue())
+    assert (header.format, header.width, header.height) == (fmt, 53, 37)

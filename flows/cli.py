@@ -3,6 +3,7 @@ the Prefect UI (the local SQLite-backed API by default, or PREFECT_API_URL's ser
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import sys
@@ -23,6 +24,12 @@ app = typer.Typer(
 )
 datasets_app = typer.Typer(help="Export real datasets that ship inside installed packages.")
 app.add_typer(datasets_app, name="datasets")
+
+
+RUNNER = typer.Option(
+    "threads", "--runner", help="threads | dask (a LocalCluster) | dask://HOST:PORT"
+)
+WORKERS = typer.Option(None, "--workers", help="parallel task runs (threads or dask workers)")
 
 
 def fail(message: str) -> None:
@@ -96,10 +103,13 @@ def ingest(
     shard_size: int = typer.Option(10_000, "--shard-size", help="samples per shard"),
     name: str = typer.Option("shard", "--name", help="shard file name prefix"),
     max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", help="pixel cap"),
+    runner: str = RUNNER,
+    workers: int = WORKERS,
 ) -> None:
     """Ingest images into WebDataset shards {out}/shards/{partition}/{name}-NNNNNN.tar."""
     from cvpipe.config import IngestConfig
     from flows.ingest import ingest_flow
+    from flows.runners import with_runner
 
     try:
         config = IngestConfig(
@@ -112,8 +122,36 @@ def ingest(
         )
     except ValidationError as e:
         fail(str(e))
-    summary = run_flow(ingest_flow, config)
+    summary = run_flow(with_runner(ingest_flow, runner, workers), config)
     print_summary(summary, f"ingest {partition}")
+
+
+@app.command()
+def backfill(
+    source_pattern: str = typer.Argument(..., help="source URL with {partition}, per day"),
+    out: str = typer.Option(..., "--out", help="output root"),
+    start: datetime.datetime = typer.Option(..., "--start", formats=["%Y-%m-%d"]),
+    end: datetime.datetime = typer.Option(..., "--end", formats=["%Y-%m-%d"]),
+    shard_size: int = typer.Option(10_000, "--shard-size"),
+    name: str = typer.Option("shard", "--name"),
+) -> None:
+    """Ingest every daily partition from --start to --end (inclusive); skips done work."""
+    from flows.backfill import backfill_flow
+
+    summaries = run_flow(
+        backfill_flow, source_pattern, out, start.date(), end.date(), name, shard_size
+    )
+    rows = [
+        {
+            "partition": d,
+            "shards": s["shards"],
+            "skipped": s["shards_skipped"],
+            "written": s["written"],
+            "rejected": s["rejected"],
+        }
+        for d, s in summaries.items()
+    ]
+    print_table(rows, "backfill")
 
 
 @app.command()

@@ -59,6 +59,8 @@ import functools
 import json
 import math
 import posixpath
+import queue
+import threading
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -78,6 +80,7 @@ METHODS = ("nearest", "cfa", "uniform", "random", "vanilla")
 KL_DIRECTIONS = ("image_anchor", "anchor_image")
 DEFAULT_BATCH_ROWS = 65_536
 DEFAULT_EPS = 1e-8
+READ_BUFFER_BYTES = 4 << 20
 UNIFORM_DEPTH = 3
 
 SEP_ORDERED = ">"
@@ -95,32 +98,89 @@ def feature_dim(url: str) -> int:
         return pq.ParquetFile(f).schema_arrow.field("embedding").type.list_size
 
 
-def iter_features(
-    url: str, batch_rows: int = DEFAULT_BATCH_ROWS, with_keys: bool = True
-) -> Iterator[tuple[pa.Array | None, pa.Array | None, np.ndarray]]:
-    """Stream ``(key, shard, embedding[n, D])`` batches from a features Parquet file.
-
-    The embedding matrix is a zero-copy, read-only view of the Arrow buffer. Memory is
-    bounded by one batch (plus one row group in pyarrow's reader), whatever the file size.
-    """
+def _read_batches(
+    url: str, batch_rows: int, columns: list[str]
+) -> Iterator[tuple[pa.RecordBatch, int]]:
     fs, path = url_to_fs(url)
-    columns = ["key", "shard", "embedding"] if with_keys else ["embedding"]
     # Local files go through pyarrow's native reader (no Python file object per read).
     with contextlib.nullcontext(path) if is_local(fs) else fs.open(path, "rb") as f:
-        pf = pq.ParquetFile(f)
+        # pre_buffer=True (pyarrow's default) keeps every row group it read cached until
+        # the reader closes: memory grew with the file (measured). A buffered stream
+        # instead reads pages as it decodes them.
+        pf = pq.ParquetFile(f, pre_buffer=False, buffer_size=READ_BUFFER_BYTES)
         dim = pf.schema_arrow.field("embedding").type.list_size
         if dim is None or dim < 0:
             raise ValueError(f"{url}: embedding is not a fixed_size_list column")
         for rb in pf.iter_batches(batch_size=batch_rows, columns=columns):
-            col = rb.column("embedding")
-            if col.null_count:
-                raise ValueError(f"{url}: {col.null_count} null embedding(s)")
-            # flatten() honours a sliced array's offset, which .values would ignore.
-            emb = col.flatten().to_numpy(zero_copy_only=True).reshape(-1, dim)
-            if with_keys:
-                yield rb.column("key"), rb.column("shard"), emb
-            else:
-                yield None, None, emb
+            yield rb, dim
+
+
+def _prefetch(it: Iterator[Any], depth: int) -> Iterator[Any]:
+    """Run ``it`` in a thread, ``depth`` items ahead: Parquet decoding (which releases
+    the GIL) overlaps the search of the previous batch. Memory: ``depth + 2`` items."""
+    if depth <= 0:
+        yield from it
+        return
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            for item in it:
+                if not put((None, item)):
+                    return
+            put((None, done))
+        except BaseException as e:  # handed to the consumer, raised there
+            put((e, None))
+
+    t = threading.Thread(target=work, name="cvpipe-prefetch", daemon=True)
+    t.start()
+    try:
+        while True:
+            err, item = q.get()
+            if err is not None:
+                raise err
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()
+        t.join()
+
+
+def iter_features(
+    url: str,
+    batch_rows: int = DEFAULT_BATCH_ROWS,
+    with_keys: bool = True,
+    prefetch: int = 1,
+) -> Iterator[tuple[pa.Array | None, pa.Array | None, np.ndarray]]:
+    """Stream ``(key, shard, embedding[n, D])`` batches from a features Parquet file.
+
+    The embedding matrix is a zero-copy, read-only view of the Arrow buffer. Memory is
+    bounded by a few batches whatever the file size; ``prefetch`` batches are decoded
+    ahead in a background thread.
+    """
+    columns = ["key", "shard", "embedding"] if with_keys else ["embedding"]
+    for rb, dim in _prefetch(_read_batches(url, batch_rows, columns), prefetch):
+        col = rb.column("embedding")
+        if col.null_count:
+            raise ValueError(f"{url}: {col.null_count} null embedding(s)")
+        # flatten() honours a sliced array's offset, which .values would ignore.
+        emb = col.flatten().to_numpy(zero_copy_only=True).reshape(-1, dim)
+        if with_keys:
+            yield rb.column("key"), rb.column("shard"), emb
+        else:
+            yield None, None, emb
 
 
 # ------------------------------------------------------------------- vector transforms
@@ -434,25 +494,40 @@ class AnchorIndex:
                 index = faiss.index_cpu_to_gpu(self._res, 0, index)
             self.index = index
 
-    def rank(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``(order[n, A], sorted_distances[n, A])``: anchor indices closest first under
-        the total order (distance, anchor index), and their distances."""
+    def _search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """FAISS top-k as (distances, indices), distances ascending (FAISS's own tie order)."""
+        if self.metric == "cosine":
+            # Search the raw vectors and divide by their norms afterwards: the same
+            # ranking per row as normalizing first, without copying the batch.
+            sims, order = self.index.search(q, k)
+            norm = np.sqrt(np.einsum("ij,ij->i", q, q, dtype=np.float32))
+            sims /= np.where(norm > 0, norm, 1)[:, None]
+            return np.subtract(1.0, sims, out=sims), order
+        sq, order = self.index.search(q, k)
+        return np.sqrt(np.maximum(sq, 0, out=sq), out=sq), order
+
+    def rank(self, x: np.ndarray, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``(order[n, k], sorted_distances[n, k])``: the k closest anchors (all when k is
+        None) under the total order (distance, anchor index), and their distances."""
         if x.shape[1] != self.dim:
             raise ValueError(f"vectors are {x.shape[1]}-d, anchors {self.dim}-d")
+        k = self.count if k is None else min(k, self.count)
         if self.metric == "kl":
             d = kl_matrix(x, self.anchors, self.kl_direction, self.eps)
-            order = np.argsort(d, axis=1, kind="stable")
+            order = np.argsort(d, axis=1, kind="stable")[:, :k]
             return order, np.take_along_axis(d, order, axis=1)
-        if self.metric == "cosine":
-            q = np.array(x, dtype=np.float32, order="C", copy=True)
-            faiss.normalize_L2(q)
-            sims, order = self.index.search(q, self.count)
-            dist = np.subtract(1.0, sims, dtype=np.float32)
-        else:
-            q = np.ascontiguousarray(x, dtype=np.float32)
-            sq, order = self.index.search(q, self.count)
-            dist = np.sqrt(np.maximum(sq, 0, out=sq), out=sq)
-        return _fix_ties(order, dist)
+        q = np.ascontiguousarray(x, dtype=np.float32)
+        # One extra column shows a tie across the cut; only those rows pay a full search.
+        kk = min(k + 1, self.count)
+        dist, order = self._search(q, kk)
+        if kk > k:
+            cut = np.flatnonzero(dist[:, k - 1] == dist[:, k])
+            if cut.size:
+                d_full, o_full = self._search(q[cut], self.count)
+                o_full, d_full = _fix_ties(o_full, d_full)
+                dist[cut], order[cut] = d_full[:, :kk], o_full[:, :kk]
+        order, dist = _fix_ties(order, dist)
+        return order[:, :k], dist[:, :k]
 
     def distances(self, x: np.ndarray) -> np.ndarray:
         """The full distance matrix (n x A, float32), columns in anchor order."""
@@ -944,7 +1019,8 @@ def label_file(
                     else vanilla_labels(key, truth)
                 )
             else:
-                order, dsorted = setup.index.rank(to_space(emb, setup.kind, setup.head))
+                k = {"nearest": n, "uniform": _depth(len(names))}.get(method)
+                order, dsorted = setup.index.rank(to_space(emb, setup.kind, setup.head), k)
                 if method == "nearest":
                     lab = _nearest(order, dsorted, names, n, ordered)
                 elif method == "cfa":
@@ -972,7 +1048,8 @@ def count_sequences_file(
     setup = _setup(anchors_url, "uniform", metric, kl_direction, eps, checkpoint, gpu)
     parts = []
     for _, _, emb in iter_features(features_url, batch_rows, with_keys=False):
-        order, _ = setup.index.rank(to_space(emb, setup.kind, setup.head))
+        x = to_space(emb, setup.kind, setup.head)
+        order, _ = setup.index.rank(x, _depth(len(setup.names)))
         parts.append(_sequence_counts(order, setup.names))
     return merge_counts(parts)
 

@@ -222,11 +222,30 @@ def test_faiss_distances_equal_numpy(metric):
     assert np.array_equal(order, np.argsort(got, axis=1, kind="stable"))
 
 
-def test_faiss_rank_breaks_exact_ties_by_index():
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+def test_faiss_rank_breaks_exact_ties_by_index(metric):
     a = np.array([[1, 0], [0, 1], [1, 0], [0, 1]], np.float32)  # duplicated anchors
     x = np.array([[1, 0.1], [0.1, 1], [1, 1]], np.float32)
-    order, d = an.AnchorIndex(a, "l2").rank(x)
+    index = an.AnchorIndex(a, metric)
+    order, d = index.rank(x)
     assert order.tolist() == [[0, 2, 1, 3], [1, 3, 0, 2], [0, 1, 2, 3]]
+    assert index.rank(x, 1)[0].tolist() == [[0], [1], [0]]  # ties across the cut
+    assert index.rank(x, 3)[0].tolist() == [[0, 2, 1], [1, 3, 0], [0, 1, 2]]
+
+
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+def test_top_k_rank_equals_prefix_of_full_rank_with_many_ties(metric):
+    rng = np.random.default_rng(8)
+    a = rng.integers(-1, 2, size=(6, 3)).astype(np.float32)  # small integers: exact ties
+    a[a.sum(1) == 0] += 1
+    x = rng.integers(-2, 3, size=(2000, 3)).astype(np.float32)
+    index = an.AnchorIndex(a, metric)
+    full_o, full_d = index.rank(x)
+    assert np.array_equal(full_o, np.argsort(index.distances(x), axis=1, kind="stable"))
+    assert (full_d[:, 1:] == full_d[:, :-1]).any(axis=1).mean() > 0.3  # ties are common
+    for k in (1, 2, 3):
+        o, d = index.rank(x, k)
+        assert np.array_equal(o, full_o[:, :k]) and np.array_equal(d, full_d[:, :k])
 
 
 def test_kl_with_zeros_is_finite_and_matches_definition():

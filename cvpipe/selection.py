@@ -279,32 +279,37 @@ class _Accumulator:
     # ------------------------------------------------------------------ output
 
     def result(self) -> TopK:
-        labels, scores, locs = [], [], []
-        for c in range(self.num_classes):
-            if not self.sizes[c]:
-                continue
+        for c in np.flatnonzero(self.sizes > self.top_k).tolist():
             self._compact(c)
-            s, loc = self.scores[c][0], self.locs[c][0]
-            order = np.argsort(-s, kind="stable")
-            s, loc = s[order], loc[order]
-            # equal scores inside the kept set: their ranks follow the keys
-            same = np.flatnonzero(s[1:] == s[:-1])
-            if len(same):
-                starts = same[np.r_[True, np.diff(same) > 1]]
-                for a in starts.tolist():
-                    b = a + 1
-                    while b < len(s) and s[b] == s[a]:
-                        b += 1
-                    keys = self.keys.sort_keys(loc[a:b])
-                    loc[a:b] = loc[a:b][sorted(range(b - a), key=keys.__getitem__)]
-            labels.append(np.full(len(s), c, np.int32))
-            scores.append(s)
-            locs.append(loc)
-            self.scores[c], self.locs[c] = [], []  # release as we go
-        label = np.concatenate(labels) if labels else np.empty(0, np.int32)
-        score = np.concatenate(scores) if scores else np.empty(0, np.float32)
-        loc = np.concatenate(locs) if locs else np.empty(0, np.int64)
-        del labels, scores, locs
+        present = np.flatnonzero(self.sizes > 0)
+        sizes = self.sizes[present]
+        score = _concat([a for c in present.tolist() for a in self.scores[c]], np.float32)
+        loc = _concat([a for c in present.tolist() for a in self.locs[c]], np.int64)
+        label = np.repeat(present.astype(np.int32), sizes)
+        for c in present.tolist():
+            self.scores[c], self.locs[c] = [], []
+        self.sizes[:] = 0
+        # One sort by (class, score descending) through a packed uint64 key.
+        bits = score.view(np.uint32)
+        ordered = np.where(bits >> 31 == 1, ~bits, bits | np.uint32(0x80000000))
+        packed = (label.astype(np.uint64) << np.uint64(32)) | (~ordered).astype(np.uint64)
+        order = np.argsort(packed)
+        packed, label, score, loc = packed[order], label[order], score[order], loc[order]
+        del order
+        same = np.flatnonzero(packed[1:] == packed[:-1])
+        del packed
+        if len(same):
+            # Equal scores inside the kept set: their ranks follow the keys. All runs are
+            # resolved together, so each predictions file is read once.
+            first = same[np.r_[True, np.diff(same) > 1]]
+            last = same[np.r_[np.diff(same) > 1, True]] + 2
+            runs = list(zip(first.tolist(), last.tolist(), strict=True))
+            keys = self.keys.sort_keys(np.concatenate([loc[a:b] for a, b in runs]))
+            pos = 0
+            for a, b in runs:
+                run_keys = keys[pos : pos + b - a]
+                pos += b - a
+                loc[a:b] = loc[a:b][sorted(range(b - a), key=run_keys.__getitem__)]
         fids = (loc >> 32).astype(np.int64)
         used = np.unique(fids)
         names = [self.files[i] for i in used.tolist()]
@@ -324,6 +329,10 @@ class _Accumulator:
             sources=sorted(self.sources),
             model_ids=sorted(self.model_ids),
         )
+
+
+def _concat(arrays: list[np.ndarray], dtype: Any) -> np.ndarray:
+    return np.concatenate(arrays).astype(dtype, copy=False) if arrays else np.empty(0, dtype)
 
 
 def _candidates(batch: pa.RecordBatch, top_p: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

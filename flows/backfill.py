@@ -57,3 +57,21 @@ def backfill_flow(
         description=f"Backfill of `{source_pattern}` from {start} to {end}",
     )
     return summaries
+
+
+@flow(name="daily-ingest")
+def daily_ingest_flow(
+    source_pattern: str,
+    root: str,
+    days_ago: int = 1,
+    name: str = "shard",
+    shard_size: int = 10_000,
+) -> dict[str, Any]:
+    """The scheduled run: ingest the partition of the day ``days_ago`` before the run's
+    scheduled time (so a late or retried run still ingests the day it was meant for)."""
+    from prefect.runtime import flow_run
+
+    scheduled = flow_run.scheduled_start_time
+    today = scheduled.date() if scheduled else dt.datetime.now(dt.timezone.utc).date()
+    day = today - dt.timedelta(days=days_ago)
+    return backfill_flow(source_pattern, root, day, day, name=name, shard_size=shard_size)

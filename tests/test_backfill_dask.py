@@ -55,3 +55,16 @@ def test_ingest_flow_on_a_dask_local_cluster(prefect_harness, digits_dir, tmp_pa
     summary = with_runner(ingest_flow, "dask", workers=2)(cfg)
     assert summary["shards"] == 3 and summary["written"] == 179
     assert len(storage.list_committed(f"{root}/shards/p", ".tar")) == 3
+
+
+def test_daily_ingest_takes_the_day_before_its_scheduled_time(
+    prefect_harness, digits_dir, tmp_path
+):
+    from flows.backfill import daily_ingest_flow
+
+    yesterday = (dt.datetime.now(dt.timezone.utc).date() - dt.timedelta(days=1)).isoformat()
+    shutil.copytree(digits_dir / "labeled" / "7", tmp_path / "in" / yesterday / "7")
+    out = daily_ingest_flow(
+        str(tmp_path / "in" / "{partition}"), str(tmp_path / "root"), name="d", shard_size=100
+    )
+    assert list(out) == [yesterday] and out[yesterday]["written"] == 18

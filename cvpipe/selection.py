@@ -202,9 +202,14 @@ class _Accumulator:
         label, score, loc = label[keep], score[keep], loc[keep]
         if not len(label):
             return
-        order = np.argsort(label, kind="stable")
-        label, score, loc = label[order], score[order], loc[order]
-        present, starts, sizes = np.unique(label, return_index=True, return_counts=True)
+        # Grouping by class: a stable sort of uint16 labels is a linear radix sort.
+        key = label.astype(np.uint16) if top <= 65_536 else label
+        order = np.argsort(key, kind="stable")
+        score, loc = score[order], loc[order]
+        counts = np.bincount(label, minlength=top)
+        present = np.flatnonzero(counts)
+        sizes = counts[present]
+        starts = (np.cumsum(counts) - counts)[present]
         for c, s, n in zip(present.tolist(), starts.tolist(), sizes.tolist(), strict=True):
             self.scores[c].append(score[s : s + n])
             self.locs[c].append(loc[s : s + n])
@@ -409,7 +414,15 @@ def _tree(
     def node(chunk: Sequence[str]) -> TopK:
         if len(chunk) == 1:
             return note(partial_topk(chunk[0], top_p, top_k, state["thr"]))
-        step = math.ceil(len(chunk) / fan_in)
+        if len(chunk) <= fan_in:
+            # The same reduce as merging the files' partials, without finishing (sorting)
+            # each partial: the node's accumulator streams its files directly.
+            acc = _Accumulator(top_p, top_k, thresholds=state["thr"])
+            for url in chunk:
+                acc.add_file(url, top_p)
+            return note(acc.result())
+        # Full groups of fan_in at the bottom: children cover fan_in ** (depth - 1) files.
+        step = fan_in ** max(1, math.ceil(math.log(len(chunk), fan_in) - 1e-9) - 1)
         children = (node(chunk[i : i + step]) for i in range(0, len(chunk), step))
         return note(merge(children, state["thr"]))
 

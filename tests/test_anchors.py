@@ -104,6 +104,15 @@ def test_nearest_equals_brute_force(make, n, ordered):
         assert lab.distances[i].tolist() == [row[j] for j in ref]
 
 
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 5])
+def test_top_k_equals_brute_force_with_ties(k):
+    dist = tie_dist(k, a=7)
+    order, d = an.top_k(dist, k)
+    for i, row in enumerate(dist.tolist()):
+        ref = ref_order(row)[:k]
+        assert order[i].tolist() == ref and d[i].tolist() == [row[j] for j in ref]
+
+
 def test_ties_break_by_anchor_index():
     dist = np.array([[1, 0, 0, 1, 0.5]], np.float32)
     assert an.nearest_labels(dist, NAMES, 3).labels == ["food>plant>vehicle"]

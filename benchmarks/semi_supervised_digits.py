@@ -17,10 +17,9 @@ skipped when its output is committed, so a rerun only prints.
     python benchmarks/semi_supervised_digits.py --root /tmp/ssl --seeds 0 1 2 3 4
     python benchmarks/semi_supervised_digits.py --sweep              # K and |U| sweeps too
 
-Steps 2, 3 and the writing of D^ as shards use cvpipe.inference / cvpipe.selection /
-cvpipe.materialize when they exist, else the small stand-ins below (same contracts:
-top-P per image; top-K per class over the images that have the class in their top-P;
-D^ written as shards whose json ``label`` is the pseudo-label's class name).
+Steps 2, 3 and the writing of D^ as shards are the pipeline's own stages
+(cvpipe.inference, cvpipe.selection, cvpipe.materialize); training and evaluation are
+cvpipe.training. Pseudo-label precision is measured against U's hidden labels.
 """
 
 from __future__ import annotations
@@ -42,10 +41,18 @@ import yaml
 ROOT_DIR = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT_DIR))
 
-from cvpipe import ingest, models, shards, storage, tables, training  # noqa: E402
+from cvpipe import (  # noqa: E402
+    inference,
+    ingest,
+    materialize,
+    selection,
+    shards,
+    storage,
+    tables,
+    training,
+)
 from cvpipe.config import DigitsSplit, IngestConfig, SemiSupervisedConfig, TrainConfig  # noqa: E402
 from cvpipe.datasets import export_digits  # noqa: E402
-from cvpipe.loader import ShardDataset, make_loader  # noqa: E402
 
 DEFAULT_CONFIG = ROOT_DIR / "flows" / "examples" / "demo.yaml"
 
@@ -84,66 +91,47 @@ def prepare_digits(root: str, split: DigitsSplit, seed: int) -> tuple[dict[str, 
     return urls, truth
 
 
-# --------------------------------------------------------------------------- stand-ins
+# --------------------------------------------------------------------------- pseudo-labels
 
 
-@torch.no_grad()
-def predict_top_p(checkpoint: str, urls: list[str], top_p: int, batch_size: int) -> list[dict]:
-    """Stand-in for cvpipe.inference: per image its top-P classes and softmax scores."""
-    model, info = models.load_checkpoint(checkpoint)
-    model.eval()
-    ds = ShardDataset(urls, models.preprocess(info), stage="infer")
-    rows = []
-    for batch in make_loader(ds, batch_size):
-        if len(batch) == 0:
-            continue
-        probs = model(batch.images).softmax(1)
-        scores, classes = probs.topk(min(top_p, probs.shape[1]), dim=1)
-        for key, shard, c, s in zip(
-            batch.keys, batch.shards, classes.tolist(), scores.tolist(), strict=True
-        ):
-            rows.append({"key": key, "shard": shard, "classes": c, "scores": s})
-    return rows
+def pseudo_label(
+    teacher: str, unlabeled: list[str], out: str, top_p: int, top_k: int, batch_size: int
+) -> tuple[list[str], int]:
+    """Steps 2-3 and D^ as shards, with the pipeline's own stages: teacher inference
+    (cvpipe.inference), top-K per class (cvpipe.selection), materialization
+    (cvpipe.materialize). Returns D^'s shard URLs and its sample count."""
+    infer_out = storage.join(out, "infer")
+    inference.infer_shards(
+        unlabeled,
+        teacher,
+        infer_out,
+        top_p=top_p,
+        batch_size=batch_size,
+        device="cpu",
+        num_workers=0,
+    )
+    preds = [inference.predictions_url(infer_out, shards.shard_id(u)) for u in unlabeled]
+    sel_out = storage.join(out, "select")
+    report = selection.select(preds, top_p, top_k, sel_out)
+    stats = materialize.materialize(
+        selection.selection_url(sel_out), unlabeled, storage.join(out, "pseudo"), teacher
+    )
+    urls = [materialize.output_url(storage.join(out, "pseudo"), s.shard) for s in stats]
+    n = sum(s.written for s in stats)
+    if report and n == 0:
+        raise RuntimeError("the selection kept nothing")
+    return urls, n
 
 
-def select_top_k(predictions: list[dict], top_k: int) -> list[dict]:
-    """Stand-in for cvpipe.selection: for each class, the K images that class scores
-    highest among those holding it in their top-P (an image may serve several classes)."""
-    by_class: dict[int, list[tuple[float, str, str]]] = defaultdict(list)
-    for r in predictions:
-        for c, s in zip(r["classes"], r["scores"], strict=True):
-            by_class[c].append((s, r["key"], r["shard"]))
-    out = []
-    for c, items in sorted(by_class.items()):
-        items.sort(key=lambda t: (-t[0], t[1]))
-        for rank, (s, key, shard) in enumerate(items[:top_k], start=1):
-            out.append({"key": key, "shard": shard, "label": c, "score": s, "rank": rank})
-    return out
-
-
-def materialize(
-    selection: list[dict], urls: list[str], classes: list[str], out: str, truth: dict
-) -> tuple[list[str], float]:
-    """Stand-in for cvpipe.materialize: D^ as one shard, json label = class name.
-    Returns the shard URLs and the pseudo-label precision against U's hidden truth."""
-    url = storage.join(out, "pseudo-000000.tar")
-    wanted: dict[str, list[int]] = defaultdict(list)
-    for r in selection:
-        wanted[r["key"]].append(r["label"])
+def precision(pseudo_urls: list[str], truth: dict[str, str]) -> float:
+    """Share of D^ samples whose pseudo-label is the hidden true label."""
     right = total = 0
-    samples = []
-    for u in urls:  # U's own order: the shard is not grouped by class
+    for u in pseudo_urls:
         for s in shards.iter_shard(u, decode=False):
-            if isinstance(s, shards.Reject) or s.key not in wanted:
-                continue
-            for c in wanted[s.key]:
-                meta = {**s.meta, "label": classes[c], "pseudo_label": True}
-                samples.append((f"{s.key}-c{c}", {s.ext: s.data, "json": shards.encode_meta(meta)}))
+            if isinstance(s, shards.Sample):
                 total += 1
-                right += truth.get(os.path.basename(s.meta.get("source", ""))) == classes[c]
-    if not storage.is_committed(url):
-        shards.write_shard(url, samples)
-    return [url], right / max(total, 1)
+                right += truth.get(os.path.basename(s.meta.get("source", ""))) == s.meta["label"]
+    return right / max(total, 1)
 
 
 # --------------------------------------------------------------------------- one loop
@@ -174,47 +162,50 @@ def run_seed(
         return r
 
     lab, unl, test = data["labeled"], data["unlabeled"], data["test"]
-    teacher = stage(
-        "teacher",
-        training.train,
-        with_seed(cfg.teacher, seed),
-        lab,
-        storage.join(base, "teacher"),
+    # Folders named after their config, so sweeps share the teacher and the baseline;
+    # a baseline configured like the teacher *is* the teacher's run (same hash: skipped).
+    teacher_dir = storage.join(base, f"teacher-{tables.config_hash(cfg.teacher)[:8]}")
+    baseline_dir = (
+        teacher_dir
+        if cfg.baseline == cfg.teacher
+        else storage.join(base, f"baseline-{tables.config_hash(cfg.baseline)[:8]}")
     )
-    info = models.load_info(teacher)
-    preds = stage("infer", predict_top_p, teacher, unl, cfg.top_p, cfg.inference_batch_size)
+    teacher = stage("teacher", training.train, with_seed(cfg.teacher, seed), lab, teacher_dir)
     if u_fraction < 1.0:
-        # A seeded subset of U: how the gain grows with |U|.
-        g = torch.Generator().manual_seed(seed)
-        keep = torch.randperm(len(preds), generator=g)[: round(u_fraction * len(preds))]
-        preds = [preds[i] for i in sorted(keep.tolist())]
-    variant = f"k{top_k}-u{u_fraction:g}"
-    sel = stage("select", select_top_k, preds, top_k)
-    pseudo, precision = stage(
-        "materialize", materialize, sel, unl, info.classes, storage.join(base, variant), truth
+        # |U| grows by whole shards, as it would by partitions in the pipeline.
+        unl = unl[: max(1, round(u_fraction * len(unl)))]
+    variant = storage.join(
+        teacher_dir,
+        f"p{cfg.top_p}-k{top_k}-u{u_fraction:g}",
+        tables.config_hash([cfg.student, cfg.finetune])[:8],
     )
+    pseudo, n_pseudo = stage(
+        "pseudo_label",
+        pseudo_label,
+        teacher,
+        unl,
+        storage.join(teacher_dir, f"p{cfg.top_p}-k{top_k}-u{u_fraction:g}"),
+        cfg.top_p,
+        top_k,
+        cfg.inference_batch_size,
+    )
+    prec = precision(pseudo, truth)
     student = stage(
         "student_pretrain",
         training.train,
         with_seed(cfg.student, seed),
         pseudo,
-        storage.join(base, variant, "student"),
+        storage.join(variant, "student"),
     )
     finetuned = stage(
         "student_finetune",
         training.train,
         with_seed(cfg.finetune, seed),
         lab,
-        storage.join(base, variant, "finetuned"),
+        storage.join(variant, "finetuned"),
         init_checkpoint=student,
     )
-    baseline = stage(
-        "baseline",
-        training.train,
-        with_seed(cfg.baseline, seed),
-        lab,
-        storage.join(base, "baseline"),
-    )
+    baseline = stage("baseline", training.train, with_seed(cfg.baseline, seed), lab, baseline_dir)
     results = {}
     for method, ck in (
         ("teacher", teacher),
@@ -229,8 +220,8 @@ def run_seed(
         "top_k": top_k,
         "u_fraction": u_fraction,
         "labeled": sum(1 for u in lab for _ in shards.iter_shard(u, decode=False)),
-        "pseudo": len(sel),
-        "precision": precision,
+        "pseudo": n_pseudo,
+        "precision": prec,
         "results": results,
         "timings": timings,
         "data_s": t_data,

@@ -188,3 +188,42 @@ class SemiSupervisedConfig(Strict):
                 "student, finetune and baseline must share one architecture (a fair comparison)"
             )
         return self
+
+
+# ---------------------------------------------------------------- teacher and selection
+
+
+class InferConfig(Strict):
+    """Teacher inference over shards: top-P predictions (and features) per shard."""
+
+    shards: str = Field(description="a shard URL, a folder or prefix of shards, or a brace pattern")
+    checkpoint: str = Field(description="teacher checkpoint (NAME.pt with its NAME.json)")
+    out: str = Field(description="writes OUT/predictions/, OUT/features/, OUT/rejects/infer/")
+    top_p: int = Field(5, ge=1, description="classes kept per image")
+    features: bool = Field(False, description="also write penultimate-layer embeddings")
+    batch_size: int = Field(256, ge=1)
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    num_workers: int = Field(2, ge=0, description="DataLoader workers per inference unit")
+    shards_per_unit: int = Field(4, ge=1, description="shards per task run (one DataLoader)")
+    parallel_units: int = Field(
+        1, ge=1, description="inference units in flight; 1 = one teacher per machine/GPU"
+    )
+
+
+class SelectConfig(Strict):
+    """Top-K images per class among images whose top-P holds the class (Yalniz et al.)."""
+
+    predictions: str = Field(description="a folder or prefix of predictions Parquet")
+    out: str = Field(description="writes OUT/selection.parquet and OUT/selection_report.md")
+    top_p: int = Field(5, ge=1)
+    top_k: int = Field(16_000, ge=1)
+    fan_in: int = Field(16, ge=2, description="partials merged per reduce task")
+
+
+class MaterializeConfig(Strict):
+    """The selected images as new shards, one output shard per input shard."""
+
+    selection: str = Field(description="selection.parquet written by select")
+    shards: str = Field(description="the shards the predictions were made on")
+    out: str = Field(description="writes OUT/shards/<partition>/<stem>.tar")
+    checkpoint: str | None = Field(None, description="teacher checkpoint, to check provenance")

@@ -559,9 +559,9 @@ def infer_shards(
     batch_size: int = 256,
     device: str = "auto",
     num_workers: int = 2,
-) -> list[dict[str, Any]]:
+) -> list[InferStats]:
     """One work unit (a group of shards) with small, hashable arguments: what a Prefect
-    task wraps. Returns one stats dict per shard."""
+    task wraps. Returns the stats of each shard."""
     teacher = get_teacher(
         checkpoint_url,
         top_p=top_p,
@@ -570,4 +570,4 @@ def infer_shards(
         device=device,
         num_workers=num_workers,
     )
-    return [s.to_dict() for s in teacher.process(list(shard_urls), out)]
+    return teacher.process(list(shard_urls), out)

@@ -111,17 +111,15 @@ def ingest(
     from flows.ingest import ingest_flow
     from flows.runners import with_runner
 
-    try:
-        config = IngestConfig(
-            source=src,
-            root=out,
-            partition=partition,
-            name=name,
-            shard_size=shard_size,
-            max_pixels=max_pixels,
-        )
-    except ValidationError as e:
-        fail(str(e))
+    config = parse_config(
+        IngestConfig,
+        source=src,
+        root=out,
+        partition=partition,
+        name=name,
+        shard_size=shard_size,
+        max_pixels=max_pixels,
+    )
     summary = run_flow(with_runner(ingest_flow, runner, workers), config)
     print_summary(summary, f"ingest {partition}")
 
@@ -152,6 +150,82 @@ def backfill(
         for d, s in summaries.items()
     ]
     print_table(rows, "backfill")
+
+
+def parse_config(model: Any, **fields: Any) -> Any:
+    """Build a config model from CLI values; a bad value is an error naming its field."""
+    try:
+        return model(**fields)
+    except ValidationError as e:
+        fail(str(e))
+
+
+@app.command()
+def infer(
+    shards: str = typer.Argument(..., help="shard URL, folder or prefix of shards, or {a..b}"),
+    model: str = typer.Option(..., "--model", help="teacher checkpoint NAME.pt"),
+    out: str = typer.Option(..., "--out", help="writes OUT/predictions/<shard>.parquet"),
+    top_p: int = typer.Option(5, "--top-p", help="classes kept per image"),
+    features: bool = typer.Option(False, "--features", help="also write OUT/features/"),
+    batch_size: int = typer.Option(256, "--batch-size"),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+    num_workers: int = typer.Option(2, "--num-workers", help="DataLoader workers"),
+    shards_per_unit: int = typer.Option(4, "--shards-per-unit", help="shards per task run"),
+) -> None:
+    """Teacher inference: top-P classes and scores (and embeddings) per image."""
+    from cvpipe.config import InferConfig
+    from flows.teacher import infer_flow
+
+    config = parse_config(
+        InferConfig,
+        shards=shards,
+        checkpoint=model,
+        out=out,
+        top_p=top_p,
+        features=features,
+        batch_size=batch_size,
+        device=device,
+        num_workers=num_workers,
+        shards_per_unit=shards_per_unit,
+    )
+    print_summary(run_flow(infer_flow, config), "infer")
+
+
+@app.command()
+def select(
+    predictions: str = typer.Argument(..., help="folder or prefix of predictions Parquet"),
+    top_p: int = typer.Option(..., "--top-p", help="classes of each image's top-P considered"),
+    top_k: int = typer.Option(..., "--top-k", help="images kept per class"),
+    out: str = typer.Option(..., "--out", help="writes OUT/selection.parquet and a report"),
+    fan_in: int = typer.Option(16, "--fan-in", help="partials merged per reduce task"),
+) -> None:
+    """Top-K images per class among the images whose top-P holds the class."""
+    from cvpipe.config import SelectConfig
+    from flows.teacher import select_flow
+
+    config = parse_config(
+        SelectConfig, predictions=predictions, out=out, top_p=top_p, top_k=top_k, fan_in=fan_in
+    )
+    report = run_flow(select_flow, config)
+    print_summary({k: v for k, v in report.items() if not isinstance(v, list)}, "selection")
+    typer.echo(f"selection: {out}")
+
+
+@app.command()
+def materialize(
+    selection: str = typer.Argument(..., help="selection.parquet written by cvpipe select"),
+    shards: str = typer.Option(..., "--shards", help="the shards the predictions came from"),
+    out: str = typer.Option(..., "--out", help="writes OUT/shards/<partition>/<stem>.tar"),
+    model: str = typer.Option(None, "--model", help="teacher checkpoint, to check provenance"),
+) -> None:
+    """Write the selected images as shards with their pseudo-labels and provenance."""
+    from cvpipe.config import MaterializeConfig
+    from flows.teacher import materialize_flow
+
+    config = parse_config(
+        MaterializeConfig, selection=selection, shards=shards, out=out, checkpoint=model
+    )
+    print_summary(run_flow(materialize_flow, config), "materialize")
 
 
 @app.command()

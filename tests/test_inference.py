@@ -123,8 +123,8 @@ def test_rerun_writes_nothing(checkpoint, digits_shards, tmp_path):
     assert len(before) == 6  # predictions, features, rejects per shard
     again = infer_shards(urls, checkpoint, out, top_p=2, features=True, device="cpu")
     assert _files(out) == before
-    assert [s["skipped"] for s in again] == [True, True]
-    assert [s["images"] for s in again] == [s["images"] for s in first]
+    assert [s.skipped for s in again] == [True, True]
+    assert [s.images for s in again] == [s.images for s in first]
 
 
 def test_rejects_are_counted_not_fatal(checkpoint, bad_shard, digits_shards, tmp_path):

@@ -97,10 +97,19 @@ SEP_PART = "#"
 # ------------------------------------------------------------------- reading features
 
 
+def _embedding_dim(schema: pa.Schema, url: str) -> int:
+    if "embedding" not in schema.names:
+        raise ValueError(f"{url}: no embedding column (not a features table)")
+    t = schema.field("embedding").type
+    if not pa.types.is_fixed_size_list(t) or not pa.types.is_float32(t.value_type):
+        raise ValueError(f"{url}: embedding is {t}, expected fixed_size_list<float32>[D]")
+    return t.list_size
+
+
 def feature_dim(url: str) -> int:
     fs, path = url_to_fs(url)
     with fs.open(path, "rb") as f:
-        return pq.ParquetFile(f).schema_arrow.field("embedding").type.list_size
+        return _embedding_dim(pq.ParquetFile(f).schema_arrow, url)
 
 
 def _read_batches(
@@ -113,9 +122,7 @@ def _read_batches(
         # the reader closes: memory grew with the file (measured). A buffered stream
         # instead reads pages as it decodes them.
         pf = pq.ParquetFile(f, pre_buffer=False, buffer_size=READ_BUFFER_BYTES)
-        dim = pf.schema_arrow.field("embedding").type.list_size
-        if dim is None or dim < 0:
-            raise ValueError(f"{url}: embedding is not a fixed_size_list column")
+        dim = _embedding_dim(pf.schema_arrow, url)
         if not batch_rows:
             batch_rows = max(1024, BATCH_BYTES // (4 * dim))
         for rb in pf.iter_batches(batch_size=batch_rows, columns=columns):
@@ -927,6 +934,7 @@ def _batch_table(
     key: pa.Array, shard: pa.Array, method: str, lab: Labels, names: pa.Array
 ) -> pa.Table:
     n, k = lab.anchors.shape
+    key, shard = key.cast(pa.string()), shard.cast(pa.string())  # large_string inputs too
     offsets = pa.array(
         np.arange(0, n * k + 1, k, dtype=np.int32) if k else np.zeros(n + 1, np.int32)
     )

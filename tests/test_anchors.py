@@ -14,6 +14,7 @@ import pytest
 
 from cvpipe import anchors as an
 from cvpipe import models, reports, tables
+from cvpipe.shards import shard_id
 from cvpipe.storage import list_committed
 
 NAMES = ["animal", "food", "plant", "tool", "vehicle"]
@@ -543,3 +544,52 @@ def test_transfer_table_marks_best_per_row(tmp_path):
     assert "| cars | 0.50 | **0.55** | random |" in md
     with pytest.raises(ValueError, match="two results"):
         reports.transfer_table(rows + rows[:1])
+
+
+# ------------------------------------------------------- end to end on real features
+
+
+def test_digits_end_to_end_with_a_fresh_reference_model(tmp_path, digits_shards):
+    """Real penultimate features of the bundled digits (a fresh small_cnn): anchors =
+    the labeled digits of each class, Nearest-1 on the test shards beats chance."""
+    torch = pytest.importorskip("torch")
+    from cvpipe.loader import ShardDataset, collate
+
+    torch.manual_seed(0)
+    model = models.build("small_cnn", 10).eval()
+    info = models.ModelInfo("small_cnn", [str(i) for i in range(10)], 16)
+
+    def embed(url):
+        ds = ShardDataset([url], models.preprocess(info), classes=info.classes)
+        batch = collate(list(ds))
+        with torch.no_grad():
+            return batch.keys, batch.labels.numpy(), model.backbone(batch.images).numpy()
+
+    by_class: dict[str, list[np.ndarray]] = {}
+    for url in digits_shards["labeled"]:
+        _, labels, emb = embed(url)
+        for c in np.unique(labels):
+            by_class.setdefault(str(c), []).append(emb[labels == c])
+    parts = []
+    for c, embs in by_class.items():
+        e = np.concatenate(embs)
+        url = str(tmp_path / "anchor_sets" / f"{c}.parquet")
+        write_features(url, [f"{c}-{i}" for i in range(len(e))], "labeled/x", e)
+        parts.append(an.anchor_partial(url, c, "mean"))
+    anchors_url = str(tmp_path / "anchors.parquet")
+    an.write_anchors(an.merge_anchor_sums(parts), anchors_url)
+
+    truth = {}
+    for url in digits_shards["test"]:  # labels known, so accuracy can be measured
+        keys, labels, emb = embed(url)
+        sid = shard_id(url)
+        write_features(str(tmp_path / "features" / f"{sid}.parquet"), keys, sid, emb)
+        truth.update(zip(keys, labels.tolist(), strict=True))
+    res = an.label_folder(
+        str(tmp_path / "features"), anchors_url, str(tmp_path / "labels"), "nearest"
+    )
+    rows = [r for x in res for r in read_labels(x["out"])]
+    assert len(rows) == len(truth) == 540 and len(res) == 6
+    assert {r["shard"] for r in rows} == {shard_id(u) for u in digits_shards["test"]}
+    acc = np.mean([r["label"] == str(truth[r["key"]]) for r in rows])
+    assert acc > 0.3  # chance is 0.1

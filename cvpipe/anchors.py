@@ -952,6 +952,14 @@ def _batch_table(
     return pa.Table.from_arrays(arrays, schema=tables.ANCHOR_LABELS)
 
 
+def method_tag(method: str, n: int = 1, ordered: bool = True) -> str:
+    """What the ``method`` column holds: ``nearest-2``, ``nearest-2-unordered``, ``cfa``,
+    ``uniform``, ``random``, ``vanilla`` (the rows of the pseudo-label table)."""
+    if method == "nearest":
+        return f"nearest-{n}" + ("" if ordered else "-unordered")
+    return method
+
+
 def label_file(
     features_url: str,
     anchors_url: str,
@@ -1013,6 +1021,7 @@ def label_file(
         "vector_kind": setup.kind,
         "metric": metric,
         "method": method,
+        "method_tag": method_tag(method, n, ordered),
         "n": n if method == "nearest" else None,
         "ordered": ordered if method == "nearest" else None,
         "kl_direction": kl_direction if metric == "kl" else None,
@@ -1026,6 +1035,7 @@ def label_file(
         {tables.LINEAGE_KEY: json.dumps(lin, sort_keys=True, default=str).encode()}
     )
     names_arr = pa.array(names, pa.string())
+    tag = method_tag(method, n, ordered)
     rows = 0
     with open_atomic(out_url) as f, pq.ParquetWriter(f, schema, compression="zstd") as writer:
         for key, shard, emb in iter_features(features_url, batch_rows, prefetch=prefetch):
@@ -1044,7 +1054,7 @@ def label_file(
                     lab = _cfa(order, dsorted, names)
                 else:
                     lab = _uniform(order, dsorted, names, key, rule, seed)
-            writer.write_table(_batch_table(key, shard, method, lab, names_arr))
+            writer.write_table(_batch_table(key, shard, tag, lab, names_arr))
             rows += len(lab)
     return {"out": out_url, "rows": rows, "skipped": False}
 
@@ -1081,9 +1091,9 @@ def label_folder(
     ]
 
 
-def label_counts(labels_url_: str) -> dict[str, int]:
+def label_counts(url: str) -> dict[str, int]:
     """Images per label in one labels file (map side of the label-size histograms)."""
-    t = tables.read_parquet(labels_url_, columns=["label"])
+    t = tables.read_parquet(url, columns=["label"])
     vc = t.column("label").combine_chunks().value_counts()
     return {
         str(v): int(c)

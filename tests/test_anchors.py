@@ -374,7 +374,7 @@ def test_label_files_stream_one_per_features_file_and_rerun_writes_nothing(tmp_p
     ref = an.nearest_labels(np_cosine(emb, mat).astype(np.float32), names, n=2)
     assert [r["key"] for r in rows] == keys
     assert [r["label"] for r in rows] == ref.labels
-    assert {r["method"] for r in rows} == {"nearest"}
+    assert {r["method"] for r in rows} == {"nearest-2"}
     assert rows[0]["shard"] == "day1/digits-000000"
     assert [r["anchors"] for r in rows] == [[names[j] for j in a] for a in ref.anchors.tolist()]
     np.testing.assert_allclose([r["distances"] for r in rows], ref.distances, atol=1e-5)

@@ -56,14 +56,17 @@ def peak_rss_mb() -> float:
 
 
 CODECS = {
-    # What tables.write_parquet does today: zstd, dictionary encoding on.
-    "pipeline": {"compression": "zstd", "use_dictionary": True},
-    # Embedding column stored plain and uncompressed (key and shard still zstd).
-    "plain": {
-        "compression": {"key": "zstd", "shard": "zstd", "embedding": "none"},
-        "use_dictionary": ["key", "shard"],
-    },
+    # What tables.write_parquet does: dictionary on strings only, float vectors plain.
+    "pipeline": "pipeline",
+    # The encoding the pipeline used before: zstd and dictionary on every column.
+    "zstd-dict": {"compression": "zstd", "use_dictionary": True},
 }
+
+
+def _codec(codec: str, schema) -> dict:
+    from cvpipe import tables
+
+    return tables.parquet_write_options(schema) if codec == "pipeline" else CODECS[codec]
 
 
 def generate(url: str, rows: int, dim: int, seed: int, codec: str = "pipeline") -> float:
@@ -78,7 +81,7 @@ def generate(url: str, rows: int, dim: int, seed: int, codec: str = "pipeline") 
     schema = tables.features_schema(dim).with_metadata(
         {tables.LINEAGE_KEY: json.dumps(tables.lineage(model_id="bench")).encode()}
     )
-    with pq.ParquetWriter(url, schema, **CODECS[codec]) as w:
+    with pq.ParquetWriter(url, schema, **_codec(codec, schema)) as w:
         for start in range(0, rows, GEN_BATCH):
             n = min(GEN_BATCH, rows - start)
             # ReLU-like features: non-negative, some zeros, like penultimate activations.
@@ -196,8 +199,8 @@ def main() -> None:
         "--codec",
         choices=sorted(CODECS),
         default="pipeline",
-        help="how the features Parquet is written: pipeline = zstd + dictionary "
-        "(tables.write_parquet), plain = embedding uncompressed, no dictionary",
+        help="how the features Parquet is written: pipeline = tables.write_parquet's "
+        "encoding (embedding plain), zstd-dict = zstd + dictionary on every column",
     )
     p.add_argument("--tmp", default="/tmp")
     p.add_argument("--keep", action="store_true", help="keep the generated data")

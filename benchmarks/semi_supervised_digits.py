@@ -45,6 +45,7 @@ from cvpipe import (  # noqa: E402
     inference,
     ingest,
     materialize,
+    models,
     selection,
     shards,
     storage,
@@ -190,10 +191,15 @@ def run_seed(
         cfg.inference_batch_size,
     )
     prec = precision(pseudo, truth)
+    # The student's head is the teacher's class list, even for a class D^ missed.
+    student_cfg = with_seed(cfg.student, seed)
+    if student_cfg.classes is None:
+        classes = models.load_info(teacher).classes
+        student_cfg = TrainConfig.model_validate({**student_cfg.model_dump(), "classes": classes})
     student = stage(
         "student_pretrain",
         training.train,
-        with_seed(cfg.student, seed),
+        student_cfg,
         pseudo,
         storage.join(variant, "student"),
     )

@@ -33,6 +33,12 @@ class Batch:
     def __len__(self) -> int:
         return len(self.keys)
 
+    def pin_memory(self) -> Batch:
+        # DataLoader(pin_memory=True) pins custom batch types only through this method.
+        self.images = self.images.pin_memory()
+        self.labels = self.labels.pin_memory()
+        return self
+
 
 class ShardDataset(IterableDataset):
     """Samples of ``urls`` as dicts ``{image, label, key, shard}`` (or ``{reject}``).

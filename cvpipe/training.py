@@ -48,7 +48,15 @@ from cvpipe.config import TrainConfig
 from cvpipe.loader import UNKNOWN_LABEL, Batch, ShardDataset, make_loader
 from cvpipe.models import ARCHITECTURES, Classifier, ModelInfo, stage_modules
 from cvpipe.shards import Reject, iter_shard
-from cvpipe.storage import is_committed, join, list_committed, read_bytes, write_bytes_atomic
+from cvpipe.storage import (
+    COMMIT_SUFFIX,
+    is_committed,
+    join,
+    list_committed,
+    read_bytes,
+    url_to_fs,
+    write_bytes_atomic,
+)
 
 log = logging.getLogger(__name__)
 
@@ -503,6 +511,20 @@ def _load_state(url: str) -> dict[str, Any]:
         ) from None
 
 
+def _remove(url: str) -> None:
+    fs, path = url_to_fs(url)
+    for p in (path + COMMIT_SUFFIX, path):  # withdraw the commit before the data
+        if fs.exists(p):
+            fs.rm(p)
+
+
+def _remove_epoch(out: str, epoch: int) -> None:
+    """Drop an old epoch (state first: an epoch without state is never resumed from)."""
+    ckpt = epoch_checkpoint_url(out, epoch)
+    for url in (state_url(out, epoch), ckpt, models.sidecar_url(ckpt)):
+        _remove(url)
+
+
 def _dedup_rejects(rows: Iterable[dict[str, str]]) -> list[dict[str, str]]:
     seen: dict[tuple[str, str, str], dict[str, str]] = {}
     for r in rows:
@@ -658,6 +680,8 @@ def train(
             },
         )
         tables.write_parquet(tables.from_rows(rows, tables.METRICS), metrics_url(out), info.lineage)
+        if cfg.keep_checkpoints is not None and e > cfg.keep_checkpoints:
+            _remove_epoch(out, e - cfg.keep_checkpoints)
 
     if not rows:
         raise TrainingError(f"{out}: no epoch was trained")
@@ -690,11 +714,16 @@ def evaluate(
 
     With ``out``, publishes ``{out}/{split}_per_class.parquet`` (tables.PER_CLASS) and
     ``{out}/{split}_metrics.parquet`` (one tables.METRICS row); when both are committed
-    a rerun reads them back instead of evaluating again.
+    for the same weights and shards, a rerun reads them back instead of evaluating.
     """
     if out is not None:
         pc_url, m_url = _eval_urls(out, split)
-        if is_committed(pc_url) and is_committed(m_url):
+        if (
+            is_committed(pc_url)
+            and is_committed(m_url)
+            and tables.read_lineage(m_url).get("model_id") == models.model_id(checkpoint_url)
+            and tables.read_lineage(m_url).get("shard_urls") == list(urls)
+        ):
             return _read_eval(checkpoint_url, pc_url, m_url)
     dev = models.resolve_device(device)
     model, info = models.load_checkpoint(checkpoint_url, dev)
@@ -711,7 +740,7 @@ def evaluate(
         split=split,
         model_id=models.model_id(checkpoint_url),
         checkpoint=checkpoint_url,
-        shards=len(urls),
+        shard_urls=list(urls),
         n=result.n,
         unknown=result.unknown,
         rejects=result.rejects,

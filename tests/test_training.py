@@ -205,6 +205,14 @@ def test_committed_final_is_skipped_and_another_config_is_refused(
         training.train(tiny(epochs=6, lr=0.01), digits_shards["labeled"], out)
 
 
+def test_keep_checkpoints_drops_old_epochs_and_still_resumes(digits_shards, tmp_path):
+    out = str(tmp_path / "keep")
+    training.train(tiny(epochs=3, keep_checkpoints=1), digits_shards["labeled"], out)
+    left = sorted(Path(out, "checkpoints").iterdir())
+    assert [p.name for p in left] == ["epoch-003.json", "epoch-003.pt", "state-003.pt"]
+    assert training.last_epoch(out) == 3
+
+
 # --------------------------------------------------------------------------- evaluation
 
 

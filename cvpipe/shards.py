@@ -36,11 +36,13 @@ def shard_url(root: str, partition: str, name: str, index: int) -> str:
 
 def shard_id(url: str) -> str:
     """The id a row carries in its ``shard`` column: ``{partition}/{stem}``, i.e. the
-    shard's folder and file name without ``.tar``. Stable wherever the root lives."""
+    shard's folder and file name without ``.tar``. Stable wherever the root lives.
+    A stage output ``.../{partition}/{stem}.parquet`` maps back to its shard's id."""
     path = url_to_fs(url)[1] if "://" in str(url) else str(url)
     parent = posixpath.basename(posixpath.dirname(path.replace("\\", "/")))
     stem = posixpath.basename(path)
-    stem = stem[: -len(".tar")] if stem.endswith(".tar") else stem
+    for suffix in (".tar", ".parquet"):  # a shard, or a stage's output named after it
+        stem = stem[: -len(suffix)] if stem.endswith(suffix) else stem
     return f"{parent}/{stem}" if parent else stem
 
 

@@ -24,6 +24,8 @@ app = typer.Typer(
 )
 datasets_app = typer.Typer(help="Export real datasets that ship inside installed packages.")
 app.add_typer(datasets_app, name="datasets")
+anchors_app = typer.Typer(help="Named anchor datasets in a reference model's feature space.")
+app.add_typer(anchors_app, name="anchors")
 
 
 RUNNER = typer.Option(
@@ -226,6 +228,71 @@ def materialize(
         MaterializeConfig, selection=selection, shards=shards, out=out, checkpoint=model
     )
     print_summary(run_flow(materialize_flow, config), "materialize")
+
+
+@anchors_app.command("build")
+def anchors_build(
+    sources: list[str] = typer.Argument(..., help="NAME=SHARDS, one per anchor dataset"),
+    model: str = typer.Option(..., "--model", help="the reference model checkpoint"),
+    out: str = typer.Option(..., "--out", help="the anchors Parquet to write"),
+    kind: str = typer.Option("mean", "--kind", help="mean | normalized | softmax"),
+    device: str = typer.Option("auto", "--device"),
+    batch_size: int = typer.Option(256, "--batch-size"),
+) -> None:
+    """Summarize each NAME=SHARDS dataset as an anchor (one pass, merged partial sums)."""
+    from cvpipe.config import AnchorsConfig
+    from flows.anchors import anchors_build_flow
+
+    pairs = [s.split("=", 1) for s in sources]
+    if any(len(p) != 2 or not p[0] or not p[1] for p in pairs):
+        fail(f"anchor sources must be NAME=SHARDS, got {sources}")
+    if len({p[0] for p in pairs}) != len(pairs):
+        fail("anchor names must be unique")
+    config = parse_config(
+        AnchorsConfig,
+        sources=dict(pairs),
+        checkpoint=model,
+        out=out,
+        kind=kind,
+        device=device,
+        batch_size=batch_size,
+    )
+    print_table(run_flow(anchors_build_flow, config), "anchors")
+
+
+@app.command()
+def label(
+    features: str = typer.Argument(..., help="folder or prefix of features Parquet"),
+    anchors: str = typer.Option(..., "--anchors", help="the anchors Parquet"),
+    method: str = typer.Option(..., "--method", help="nearest | cfa | uniform | random | vanilla"),
+    n: int = typer.Option(1, "--n", help="Nearest-N"),
+    metric: str = typer.Option("cosine", "--metric", help="cosine | l2 | kl"),
+    out: str = typer.Option(..., "--out", help="writes OUT/<shard>.parquet"),
+    unordered: bool = typer.Option(False, "--unordered", help="Nearest-N as a set"),
+    n_labels: int = typer.Option(None, "--n-labels", help="uniform/random: labels wanted"),
+    truth: str = typer.Option(None, "--truth", help="vanilla: ingest root with index/"),
+    model: str = typer.Option(None, "--model", help="reference model, for softmax anchors"),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Anchor-distance pseudo-labels for every image of a features set."""
+    from cvpipe.config import LabelConfig
+    from flows.anchors import label_flow
+
+    config = parse_config(
+        LabelConfig,
+        features=features,
+        anchors=anchors,
+        out=out,
+        method=method,
+        n=n,
+        metric=metric,
+        ordered=not unordered,
+        n_labels=n_labels,
+        truth=truth,
+        checkpoint=model,
+        seed=seed,
+    )
+    print_summary(run_flow(label_flow, config), f"labels ({method})")
 
 
 @app.command()

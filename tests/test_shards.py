@@ -101,6 +101,7 @@ def test_shard_writer_is_byte_deterministic_and_webdataset_compatible(tmp_path):
 def test_shard_id_and_unit_url():
     assert shards.shard_id("/data/shards/2026-11-25/web-000042.tar") == "2026-11-25/web-000042"
     assert shards.shard_id("s3://bucket/shards/day/x-000001.tar") == "day/x-000001"
+    assert shards.shard_id("/o/predictions/day/x-000001.parquet") == "day/x-000001"
     assert shards.unit_url("s3://b/out", "predictions", "day/x-000001") == (
         "s3://b/out/predictions/day/x-000001.parquet"
     )

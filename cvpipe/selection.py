@@ -19,8 +19,8 @@ at the end, for the survivors, one predictions file at a time.
 
 from __future__ import annotations
 
+import ctypes
 import json
-import math
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -37,6 +37,9 @@ from cvpipe.storage import is_committed, join, open_atomic, url_to_fs
 
 STAGE = "select"
 BATCH_ROWS = 65_536
+# Candidates queued before they are grouped by class: big enough that the per-class
+# Python work is rare, small enough that a flush's temporaries stay a few tens of MB.
+FLUSH_ROWS = 1 << 20
 _NEG = np.float32(-np.inf)
 
 
@@ -138,7 +141,13 @@ class _Keys:
 
 
 class _Accumulator:
-    """Per-class kept arrays plus pending buffers; see the module docstring."""
+    """Per-class kept candidates; see the module docstring.
+
+    Candidates that pass the class threshold wait in a pending buffer; a flush groups
+    them by class once (a linear radix sort) and appends each class's run to that
+    class's arrays, so Python-level work is per flush and class, not per file. A class
+    whose arrays would exceed ``top_k + slack`` entries is cut back to its exact top K,
+    and the K-th score becomes its threshold."""
 
     def __init__(
         self, top_p: int, top_k: int, num_classes: int = 0, thresholds: np.ndarray | None = None
@@ -146,8 +155,8 @@ class _Accumulator:
         if top_p < 1 or top_k < 1:
             raise ValueError("top_p and top_k must be >= 1")
         self.top_p, self.top_k = top_p, top_k
-        # Compact a class once its buffer holds this many extra candidates: large enough
-        # that np.partition runs rarely, small enough to keep memory near classes x K.
+        # Cut a class once it holds this many extra candidates: large enough that
+        # np.partition runs rarely, small enough to keep memory near classes x K.
         self.slack = max(top_k // 2, 64)
         self.files: list[str] = []
         self.file_ids: dict[str, int] = {}
@@ -155,11 +164,16 @@ class _Accumulator:
         self.model_ids: set[str] = set()
         self.keys = _Keys(self.files)
         self.num_classes = 0
-        self.scores: list[list[np.ndarray]] = []
-        self.locs: list[list[np.ndarray]] = []
-        self.sizes = np.zeros(0, np.int64)
+        # Per class: score and location (file id << 32 | row) arrays, of which the first
+        # fill[c] entries are used. Capacity grows geometrically up to top_k + slack, so
+        # a huge K over few candidates never allocates classes x K.
+        self.score: list[np.ndarray] = []
+        self.loc: list[np.ndarray] = []
+        self.fill = np.zeros(0, np.int64)
         self.thr = np.zeros(0, np.float32)
         self.candidates = np.zeros(0, np.int64)
+        self.pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self.pending_rows = 0
         self._grow(num_classes)
         if thresholds is not None:
             self.raise_thresholds(thresholds)
@@ -168,9 +182,9 @@ class _Accumulator:
         if n <= self.num_classes:
             return
         extra = n - self.num_classes
-        self.scores += [[] for _ in range(extra)]
-        self.locs += [[] for _ in range(extra)]
-        self.sizes = np.r_[self.sizes, np.zeros(extra, np.int64)]
+        self.score += [np.empty(0, np.float32) for _ in range(extra)]
+        self.loc += [np.empty(0, np.int64) for _ in range(extra)]
+        self.fill = np.r_[self.fill, np.zeros(extra, np.int64)]
         self.thr = np.r_[self.thr, np.full(extra, _NEG, np.float32)]
         self.candidates = np.r_[self.candidates, np.zeros(extra, np.int64)]
         self.num_classes = n
@@ -198,44 +212,85 @@ class _Accumulator:
         self._grow(top)
         if count:
             self.candidates[:top] += np.bincount(label, minlength=top)
-        keep = score >= self.thr[label]
-        label, score, loc = label[keep], score[keep], loc[keep]
-        if not len(label):
-            return
-        # Grouping by class: a stable sort of uint16 labels is a linear radix sort.
-        key = label.astype(np.uint16) if top <= 65_536 else label
-        order = np.argsort(key, kind="stable")
-        score, loc = score[order], loc[order]
-        counts = np.bincount(label, minlength=top)
-        present = np.flatnonzero(counts)
-        sizes = counts[present]
-        starts = (np.cumsum(counts) - counts)[present]
-        for c, s, n in zip(present.tolist(), starts.tolist(), sizes.tolist(), strict=True):
-            self.scores[c].append(score[s : s + n])
-            self.locs[c].append(loc[s : s + n])
-        self.sizes[present] += sizes
-        for c in np.flatnonzero(self.sizes > self.top_k + self.slack).tolist():
-            self._compact(c)
+        # Slices of a large partial (a merge) keep the temporaries of one flush bounded.
+        for a in range(0, len(label), FLUSH_ROWS):
+            lab, sc, lo = (
+                label[a : a + FLUSH_ROWS],
+                score[a : a + FLUSH_ROWS],
+                loc[a : a + FLUSH_ROWS],
+            )
+            keep = sc >= self.thr[lab]
+            if not keep.all():
+                lab, sc, lo = lab[keep], sc[keep], lo[keep]
+            if len(lab):
+                self.pending.append((lab, sc, lo))
+                self.pending_rows += len(lab)
+                if self.pending_rows >= FLUSH_ROWS:
+                    self._flush()
 
-    def _compact(self, c: int) -> None:
-        """Keep the exact top K of class ``c``, (score desc, key asc)."""
+    def _flush(self) -> None:
+        if not self.pending:
+            return
+        parts, self.pending, self.pending_rows = self.pending, [], 0
+        label = np.concatenate([p[0] for p in parts]).astype(np.int32, copy=False)
+        score = np.concatenate([p[1] for p in parts]).astype(np.float32, copy=False)
+        loc = np.concatenate([p[2] for p in parts]).astype(np.int64, copy=False)
+        del parts
+        # Thresholds may have risen since these were queued.
+        keep = score >= self.thr[label]
+        if not keep.all():
+            label, score, loc = label[keep], score[keep], loc[keep]
+        del keep
+        # Grouping by class: a stable sort of uint16 labels is a linear radix sort.
+        key = label.astype(np.uint16) if self.num_classes <= 65_536 else label
+        order = np.argsort(key, kind="stable")
+        del key
+        score, loc = score[order], loc[order]
+        del order
+        counts = np.bincount(label, minlength=self.num_classes)
+        del label
+        present = np.flatnonzero(counts)
+        ends = np.cumsum(counts)[present].tolist()
+        cap = self.top_k + self.slack
+        fill = self.fill
+        for c, n, end in zip(present.tolist(), counts[present].tolist(), ends, strict=True):
+            f = int(fill[c])
+            s_new, l_new = score[end - n : end], loc[end - n : end]
+            if f + n > cap:
+                self._cut(c, np.concatenate([self.score[c][:f], s_new]),
+                          np.concatenate([self.loc[c][:f], l_new]))  # fmt: skip
+                continue
+            if f + n > len(self.score[c]):
+                size = min(cap, max(f + n, 2 * len(self.score[c])))
+                s_arr, l_arr = np.empty(size, np.float32), np.empty(size, np.int64)
+                s_arr[:f], l_arr[:f] = self.score[c][:f], self.loc[c][:f]
+                self.score[c], self.loc[c] = s_arr, l_arr
+            self.score[c][f : f + n] = s_new
+            self.loc[c][f : f + n] = l_new
+            fill[c] = f + n
+
+    def _cut(self, c: int, s: np.ndarray, loc: np.ndarray) -> None:
+        """Store the exact top K of ``s, loc`` (score desc, key asc) as class ``c``."""
         k = self.top_k
-        s = np.concatenate(self.scores[c]) if len(self.scores[c]) != 1 else self.scores[c][0]
-        loc = np.concatenate(self.locs[c]) if len(self.locs[c]) != 1 else self.locs[c][0]
         n = len(s)
         if n > k:
             kth = np.partition(s, n - k)[n - k]
-            above = np.flatnonzero(s > kth)
+            keep = s > kth
             ties = np.flatnonzero(s == kth)
-            need = k - len(above)
+            need = k - int(np.count_nonzero(keep))
             if len(ties) > need:  # the K boundary cuts a group of equal scores: by key
                 order = self.keys.sort_keys(loc[ties])
                 ties = ties[sorted(range(len(ties)), key=order.__getitem__)[:need]]
-            keep = np.concatenate([above, ties])
+            keep[ties] = True
             s, loc = s[keep], loc[keep]
             self.thr[c] = max(self.thr[c], kth)
-        self.scores[c], self.locs[c] = [s], [loc]
-        self.sizes[c] = len(s)
+        cap = self.top_k + self.slack
+        if len(self.score[c]) < len(s) or len(self.score[c]) > cap:
+            self.score[c] = np.empty(min(cap, max(len(s), 2 * len(self.score[c]))), np.float32)
+            self.loc[c] = np.empty(len(self.score[c]), np.int64)
+        self.score[c][: len(s)] = s
+        self.loc[c][: len(s)] = loc
+        self.fill[c] = len(s)
 
     # ------------------------------------------------------------------ inputs
 
@@ -284,60 +339,97 @@ class _Accumulator:
     # ------------------------------------------------------------------ output
 
     def result(self) -> TopK:
-        for c in np.flatnonzero(self.sizes > self.top_k).tolist():
-            self._compact(c)
-        present = np.flatnonzero(self.sizes > 0)
-        sizes = self.sizes[present]
-        score = _concat([a for c in present.tolist() for a in self.scores[c]], np.float32)
-        loc = _concat([a for c in present.tolist() for a in self.locs[c]], np.int64)
-        label = np.repeat(present.astype(np.int32), sizes)
-        for c in present.tolist():
-            self.scores[c], self.locs[c] = [], []
-        self.sizes[:] = 0
-        # One sort by (class, score descending) through a packed uint64 key.
-        bits = score.view(np.uint32)
-        ordered = np.where(bits >> 31 == 1, ~bits, bits | np.uint32(0x80000000))
-        packed = (label.astype(np.uint64) << np.uint64(32)) | (~ordered).astype(np.uint64)
-        order = np.argsort(packed)
-        packed, label, score, loc = packed[order], label[order], score[order], loc[order]
-        del order
-        same = np.flatnonzero(packed[1:] == packed[:-1])
-        del packed
-        if len(same):
+        """The sorted top K per class. Each class is sorted and copied into pre-sized
+        output arrays, then freed, so the state is never held twice."""
+        self._flush()
+        for c in np.flatnonzero(self.fill > self.top_k).tolist():
+            self._cut(c, self.score[c][: self.fill[c]], self.loc[c][: self.fill[c]])
+        sizes = self.fill.copy()
+        present = np.flatnonzero(sizes).tolist()
+        total = int(sizes.sum())
+        # Output file ids index the sorted URLs of the files that hold a kept row.
+        used = np.zeros(len(self.files), bool)
+        for c in present:
+            used[self.loc[c][: sizes[c]] >> 32] = True
+        used_ids = np.flatnonzero(used)
+        names = [self.files[i] for i in used_ids.tolist()]
+        by_name = sorted(range(len(names)), key=names.__getitem__)
+        files = [names[i] for i in by_name]
+        new_id = np.zeros(len(self.files), np.int32)
+        new_id[used_ids[by_name]] = np.arange(len(names), dtype=np.int32)
+        label = np.repeat(np.arange(self.num_classes, dtype=np.int32), sizes)
+        score = np.empty(total, np.float32)
+        file = np.empty(total, np.int32)
+        row = np.empty(total, np.int32)
+        runs: list[tuple[int, int]] = []  # [a, b): equal scores inside a class
+        run_locs: list[np.ndarray] = []
+        pos = 0
+        for i, c in enumerate(present):
+            n = int(sizes[c])
+            s, loc = self.score[c][:n], self.loc[c][:n]
+            # Unstable is fine (and twice as fast): equal scores are ordered by key below.
+            order = np.argsort(-s)
+            s, loc = s[order], loc[order]
+            score[pos : pos + n] = s
+            file[pos : pos + n] = new_id[loc >> 32]
+            row[pos : pos + n] = loc & 0xFFFFFFFF
+            same = np.flatnonzero(s[1:] == s[:-1])
+            if len(same):
+                first = same[np.r_[True, np.diff(same) > 1]]
+                last = same[np.r_[np.diff(same) > 1, True]] + 2
+                for a, b in zip(first.tolist(), last.tolist(), strict=True):
+                    runs.append((pos + a, pos + b))
+                    run_locs.append(loc[a:b])
+            self.score[c] = np.empty(0, np.float32)
+            self.loc[c] = np.empty(0, np.int64)
+            pos += n
+            if i % 64 == 63:
+                _release_freed_memory()
+        self.fill[:] = 0
+        _release_freed_memory()
+        if runs:
             # Equal scores inside the kept set: their ranks follow the keys. All runs are
             # resolved together, so each predictions file is read once.
-            first = same[np.r_[True, np.diff(same) > 1]]
-            last = same[np.r_[np.diff(same) > 1, True]] + 2
-            runs = list(zip(first.tolist(), last.tolist(), strict=True))
-            keys = self.keys.sort_keys(np.concatenate([loc[a:b] for a, b in runs]))
-            pos = 0
+            keys = self.keys.sort_keys(np.concatenate(run_locs))
+            off = 0
             for a, b in runs:
-                run_keys = keys[pos : pos + b - a]
-                pos += b - a
-                loc[a:b] = loc[a:b][sorted(range(b - a), key=run_keys.__getitem__)]
-        fids = (loc >> 32).astype(np.int64)
-        used = np.unique(fids)
-        names = [self.files[i] for i in used.tolist()]
-        order = np.argsort(names, kind="stable") if names else np.empty(0, np.int64)
-        files = [names[i] for i in order]
-        new_id = np.zeros(len(self.files), np.int32)
-        new_id[used[order]] = np.arange(len(used), dtype=np.int32)
+                run_keys = keys[off : off + b - a]
+                off += b - a
+                perm = np.array(sorted(range(b - a), key=run_keys.__getitem__)) + a
+                file[a:b], row[a:b] = file[perm], row[perm]
         return TopK(
             top_p=self.top_p,
             top_k=self.top_k,
             files=files,
             label=label,
-            score=score.astype(np.float32, copy=False),
-            file=new_id[fids] if len(fids) else np.empty(0, np.int32),
-            row=(loc & 0xFFFFFFFF).astype(np.int32),
+            score=score,
+            file=file,
+            row=row,
             candidates=self.candidates.copy(),
             sources=sorted(self.sources),
             model_ids=sorted(self.model_ids),
         )
 
 
-def _concat(arrays: list[np.ndarray], dtype: Any) -> np.ndarray:
-    return np.concatenate(arrays).astype(dtype, copy=False) if arrays else np.empty(0, dtype)
+def _release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS. The per-class arrays are small enough that
+    glibc serves them from its heap, and free() keeps those pages: without this, the
+    freed state (~300 MB at K=16,000 x 1,000 classes) stays in RSS next to the result.
+    Dask's workers trim the same way. A no-op where glibc is absent."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc() -> Any:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim  # noqa: B018 - glibc only
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+_LIBC = _load_libc()
 
 
 def _candidates(batch: pa.RecordBatch, top_p: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -392,43 +484,6 @@ def merge(parts: Iterable[TopK], thresholds: np.ndarray | None = None) -> TopK:
     return acc.result()
 
 
-def _tree(
-    urls: Sequence[str], top_p: int, top_k: int, fan_in: int, hint: np.ndarray | None
-) -> TopK:
-    """Depth-first tree over the files: groups of ``fan_in`` merged level by level.
-    Every finished node raises the shared thresholds, so later leaves keep little."""
-    state = {"thr": hint}
-
-    def note(t: TopK) -> TopK:
-        thr = t.thresholds()
-        if state["thr"] is None:
-            state["thr"] = thr
-        else:
-            old = state["thr"]
-            n = max(len(old), len(thr))
-            a = np.r_[old, np.full(n - len(old), _NEG, np.float32)]
-            b = np.r_[thr, np.full(n - len(thr), _NEG, np.float32)]
-            state["thr"] = np.maximum(a, b)
-        return t
-
-    def node(chunk: Sequence[str]) -> TopK:
-        if len(chunk) == 1:
-            return note(partial_topk(chunk[0], top_p, top_k, state["thr"]))
-        if len(chunk) <= fan_in:
-            # The same reduce as merging the files' partials, without finishing (sorting)
-            # each partial: the node's accumulator streams its files directly.
-            acc = _Accumulator(top_p, top_k, thresholds=state["thr"])
-            for url in chunk:
-                acc.add_file(url, top_p)
-            return note(acc.result())
-        # Full groups of fan_in at the bottom: children cover fan_in ** (depth - 1) files.
-        step = fan_in ** max(1, math.ceil(math.log(len(chunk), fan_in) - 1e-9) - 1)
-        children = (node(chunk[i : i + step]) for i in range(0, len(chunk), step))
-        return note(merge(children, state["thr"]))
-
-    return node(list(urls))
-
-
 def select(
     prediction_urls: Sequence[str],
     top_p: int,
@@ -449,7 +504,14 @@ def select(
         raise ValueError("no predictions files to select from")
     if is_committed(selection_url(out)) and is_committed(report_url(out)):
         return read_report(out)
-    result = _tree(urls, top_p, top_k, fan_in, None)
+    # In one process every node of a reduce tree would run in turn, so the tree collapses
+    # into one accumulator: its thresholds rise from the first files on and no partial is
+    # ever sorted. ``fan_in`` shapes the tree of work units (partial_unit, merge_unit).
+    acc = _Accumulator(top_p, top_k)
+    for url in urls:
+        acc.add_file(url, top_p)
+    result = acc.result()
+    del acc
     return finalize(result, out, classes=classes, num_classes=num_classes)
 
 
@@ -526,27 +588,45 @@ def _teacher_classes(checkpoint: str | None) -> list[str] | None:
 
 def _write_selection(result: TopK, url: str, lineage: dict[str, Any]) -> None:
     """Stream the selection file by file, so keys are never all in memory at once."""
-    ranks = result.ranks()
-    order = np.lexsort((result.row, result.file)) if len(result) else np.empty(0, np.int64)
+    n = len(result)
+    # Group rows by file with one stable sort of the file ids (a linear radix sort when
+    # they fit 16 bits); each file's rows are then put in row order on their own.
+    key = result.file.astype(np.uint16) if len(result.files) <= 65_536 else result.file
+    order = np.argsort(key, kind="stable") if n else np.empty(0, np.int64)
+    del key
+    bounds = np.r_[0, np.cumsum(np.bincount(result.file, minlength=len(result.files)))]
+    # Rank = position in the class's sorted run (label is sorted), computed per file.
+    class_start = np.searchsorted(result.label, np.arange(result.num_classes + 1))
     schema = tables.SELECTION.with_metadata(
         {tables.LINEAGE_KEY: json.dumps(lineage, sort_keys=True, default=str).encode()}
     )
-    bounds = np.searchsorted(result.file[order], np.arange(len(result.files) + 1))
     # Straight into the atomic file: the selection can be larger than memory allows.
-    with open_atomic(url) as f, pq.ParquetWriter(f, schema, compression="zstd") as writer:
+    # Dictionaries only where values repeat: on unique keys and raw scores they cost half
+    # the write time and make the file larger.
+    dictionary = ["shard", "label"]
+    with (
+        open_atomic(url) as f,
+        pq.ParquetWriter(f, schema, compression="zstd", use_dictionary=dictionary) as writer,
+    ):
         for fid, url_ in enumerate(result.files):
             idx = order[bounds[fid] : bounds[fid + 1]]
+            rows = result.row[idx]
+            # Stable: an image selected for several classes keeps its rows in class order.
+            by_row = np.argsort(rows, kind="stable")
+            idx, rows = idx[by_row], rows[by_row]
+            label = result.label[idx]
+            ranks = (idx - class_start[label] + 1).astype(np.int32)
             fs, path = url_to_fs(url_)
             cols = pq.ParquetFile(path, filesystem=fs).read(columns=["key", "shard"])
-            take = pa.array(result.row[idx].astype(np.int64))
+            take = pa.array(rows.astype(np.int64))
             writer.write_batch(  # one row group per predictions file, i.e. per shard
                 pa.record_batch(
                     [
                         cols.column("key").take(take).combine_chunks(),
                         cols.column("shard").take(take).combine_chunks(),
-                        pa.array(result.label[idx], pa.int32()),
+                        pa.array(label, pa.int32()),
                         pa.array(result.score[idx], pa.float32()),
-                        pa.array(ranks[idx], pa.int32()),
+                        pa.array(ranks, pa.int32()),
                     ],
                     schema=schema,
                 )

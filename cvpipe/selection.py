@@ -22,7 +22,7 @@ from __future__ import annotations
 import ctypes
 import json
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,7 +71,7 @@ class TopK:
         return len(self.label)
 
     def counts(self) -> np.ndarray:
-        return np.bincount(self.label, minlength=self.num_classes).astype(np.int64)
+        return _bincount(self.label, self.num_classes)
 
     def ranks(self) -> np.ndarray:
         """1-based rank of each entry within its class."""
@@ -87,7 +87,7 @@ class TopK:
         thr = np.full(self.num_classes, _NEG, np.float32)
         full = np.flatnonzero(self.counts() >= self.top_k)
         if len(full):
-            last = np.searchsorted(self.label, full, side="right") - 1
+            last = np.searchsorted(self.label, full.astype(self.label.dtype), side="right") - 1
             thr[full] = self.score[last]
         return thr
 
@@ -379,14 +379,13 @@ class _Accumulator:
                 last = same[np.r_[np.diff(same) > 1, True]] + 2
                 for a, b in zip(first.tolist(), last.tolist(), strict=True):
                     runs.append((pos + a, pos + b))
-                    run_locs.append(loc[a:b])
+                    run_locs.append(loc[a:b].copy())  # a view would pin the class
             self.score[c] = np.empty(0, np.float32)
             self.loc[c] = np.empty(0, np.int64)
             pos += n
             if i % 64 == 63:
                 _release_freed_memory()
         self.fill[:] = 0
-        _release_freed_memory()
         if runs:
             # Equal scores inside the kept set: their ranks follow the keys. All runs are
             # resolved together, so each predictions file is read once.
@@ -397,6 +396,7 @@ class _Accumulator:
                 off += b - a
                 perm = np.array(sorted(range(b - a), key=run_keys.__getitem__)) + a
                 file[a:b], row[a:b] = file[perm], row[perm]
+        _release_freed_memory()
         return TopK(
             top_p=self.top_p,
             top_k=self.top_k,
@@ -409,6 +409,18 @@ class _Accumulator:
             sources=sorted(self.sources),
             model_ids=sorted(self.model_ids),
         )
+
+
+def _bincount(x: np.ndarray, n: int) -> np.ndarray:
+    """``np.bincount(x, minlength=n)`` in slices: bincount first casts its input to
+    int64, which for the 16M int32 labels of a result is a 128 MB temporary."""
+    out = np.zeros(n, np.int64)
+    for a in range(0, len(x), FLUSH_ROWS):
+        c = np.bincount(x[a : a + FLUSH_ROWS], minlength=n)
+        if len(c) > len(out):
+            out = np.r_[out, np.zeros(len(c) - len(out), np.int64)]
+        out[: len(c)] += c
+    return out
 
 
 def _release_freed_memory() -> None:
@@ -586,17 +598,38 @@ def _teacher_classes(checkpoint: str | None) -> list[str] | None:
         return None  # the report falls back to class indices
 
 
+def _by_file(result: TopK) -> Iterator[tuple[int, np.ndarray]]:
+    """(file id, entry indices in row order) for every file of ``result``.
+
+    Files are taken in groups of about ``FLUSH_ROWS`` entries: one compare pass per group
+    finds its entries, a stable radix sort of their (uint16) file offsets groups them,
+    so the index arrays are a few MB instead of a full argsort of every entry."""
+    counts = _bincount(result.file, len(result.files))
+    f0 = 0
+    while f0 < len(counts):
+        total = np.cumsum(counts[f0:])
+        f1 = f0 + max(1, int(np.searchsorted(total, FLUSH_ROWS, side="right")))
+        f1 = min(f1, f0 + 65_536, len(counts))
+        mask = result.file >= f0
+        mask &= result.file < f1
+        idx = np.flatnonzero(mask)
+        del mask
+        sub = (result.file[idx] - f0).astype(np.uint16)
+        idx = idx[np.argsort(sub, kind="stable")]
+        bounds = np.r_[0, np.cumsum(counts[f0:f1])]
+        for i in range(f1 - f0):
+            part = idx[bounds[i] : bounds[i + 1]]
+            # Stable: an image selected for several classes keeps its rows in class order.
+            yield f0 + i, part[np.argsort(result.row[part], kind="stable")]
+        f0 = f1
+
+
 def _write_selection(result: TopK, url: str, lineage: dict[str, Any]) -> None:
     """Stream the selection file by file, so keys are never all in memory at once."""
-    n = len(result)
-    # Group rows by file with one stable sort of the file ids (a linear radix sort when
-    # they fit 16 bits); each file's rows are then put in row order on their own.
-    key = result.file.astype(np.uint16) if len(result.files) <= 65_536 else result.file
-    order = np.argsort(key, kind="stable") if n else np.empty(0, np.int64)
-    del key
-    bounds = np.r_[0, np.cumsum(np.bincount(result.file, minlength=len(result.files)))]
     # Rank = position in the class's sorted run (label is sorted), computed per file.
-    class_start = np.searchsorted(result.label, np.arange(result.num_classes + 1))
+    # Needles of the label dtype: mixed dtypes make searchsorted copy the whole haystack.
+    labels = np.arange(result.num_classes + 1, dtype=result.label.dtype)
+    class_start = np.searchsorted(result.label, labels)
     schema = tables.SELECTION.with_metadata(
         {tables.LINEAGE_KEY: json.dumps(lineage, sort_keys=True, default=str).encode()}
     )
@@ -608,15 +641,11 @@ def _write_selection(result: TopK, url: str, lineage: dict[str, Any]) -> None:
         open_atomic(url) as f,
         pq.ParquetWriter(f, schema, compression="zstd", use_dictionary=dictionary) as writer,
     ):
-        for fid, url_ in enumerate(result.files):
-            idx = order[bounds[fid] : bounds[fid + 1]]
+        for fid, idx in _by_file(result):
             rows = result.row[idx]
-            # Stable: an image selected for several classes keeps its rows in class order.
-            by_row = np.argsort(rows, kind="stable")
-            idx, rows = idx[by_row], rows[by_row]
             label = result.label[idx]
             ranks = (idx - class_start[label] + 1).astype(np.int32)
-            fs, path = url_to_fs(url_)
+            fs, path = url_to_fs(result.files[fid])
             cols = pq.ParquetFile(path, filesystem=fs).read(columns=["key", "shard"])
             take = pa.array(rows.astype(np.int64))
             writer.write_batch(  # one row group per predictions file, i.e. per shard
@@ -634,14 +663,15 @@ def _write_selection(result: TopK, url: str, lineage: dict[str, Any]) -> None:
 
 
 def _report(result: TopK, n_classes: int, classes: Sequence[str] | None) -> pa.Table:
-    counts = np.bincount(result.label, minlength=n_classes)[:n_classes]
+    counts = _bincount(result.label, n_classes)[:n_classes]
     cands = np.zeros(n_classes, np.int64)
     cands[: result.num_classes] = result.candidates
     min_s = np.full(n_classes, np.nan, np.float32)
     max_s = np.full(n_classes, np.nan, np.float32)
     if len(result):
-        first = np.searchsorted(result.label, np.arange(n_classes), side="left")
-        last = np.searchsorted(result.label, np.arange(n_classes), side="right") - 1
+        labels = np.arange(n_classes, dtype=result.label.dtype)  # no haystack copy
+        first = np.searchsorted(result.label, labels, side="left")
+        last = np.searchsorted(result.label, labels, side="right") - 1
         has = counts > 0
         max_s[has] = result.score[first[has]]
         min_s[has] = result.score[last[has]]

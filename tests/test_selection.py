@@ -158,3 +158,32 @@ def test_rerun_writes_nothing_and_p_is_checked(tmp_path):
     assert again["skipped"] and again["selected"] == first["selected"]
     with pytest.raises(ValueError, match="top-4"):
         selection.select(urls, 5, 3, str(tmp_path / "other"))
+
+
+@pytest.mark.parametrize("flush_rows", [7, 64])
+def test_small_flushes_and_file_order(tmp_path, monkeypatch, flush_rows):
+    """Tiny flushes: candidates are queued and grouped by class many times, merged
+    partials are added in slices, and the writer groups the files in several slices.
+    The selection file is in (file, row) order; an image selected for several classes
+    has its rows in class order."""
+    monkeypatch.setattr(selection, "FLUSH_ROWS", flush_rows)
+    rng = np.random.default_rng(flush_rows)
+    urls = make_predictions(tmp_path, rng, files=6, rows=50, stored_p=4, levels=4)
+    empty = str(tmp_path / "predictions" / "part" / "p-000099.parquet")
+    _write_predictions(empty, [], [], [], 4, 12)  # a file without rows changes nothing
+    out = tmp_path / "sel"
+    selection.select([*urls, empty], 3, 9, str(out), fan_in=2)
+    expect, _ = brute_force(urls, 3, 9)
+    assert read_selection(out) == expect
+    position = {}
+    for f, url in enumerate(urls):
+        for r, key in enumerate(tables.read_parquet(url).column("key").to_pylist()):
+            position[key] = (f, r)
+    got = tables.read_parquet(selection.selection_url(str(out))).to_pylist()
+    physical = [(r["key"], r["label"]) for r in got]
+    assert physical == sorted(physical, key=lambda kl: (position[kl[0]], kl[1]))
+    # the same through persisted-free partials and merges, in slices
+    parts = [selection.partial_topk(u, 3, 9) for u in urls]
+    tree = selection.merge([selection.merge(parts[:4]), selection.merge(parts[4:])])
+    assert tree.same_as(selection.merge(parts[::-1]))
+    assert len(tree) == len(expect)

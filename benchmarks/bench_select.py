@@ -1,7 +1,7 @@
 """Top-K selection at scale: streamed from Parquet vs one numpy argsort in memory.
 
 Generates N images x P=10 predictions over 1,000 classes (10M images = 100M candidates
-by default, ~1.5 GB of Parquet in /tmp, 10k rows per file like a shard), then measures in
+by default, ~700 MB of Parquet in /tmp, 10k rows per file like a shard), then measures in
 separate subprocesses, so each peak RSS is its own:
 
 - ``cvpipe.selection.select`` with K=16,000: wall time (including writing the selection

@@ -175,17 +175,15 @@ def run_seed(
     if u_fraction < 1.0:
         # |U| grows by whole shards, as it would by partitions in the pipeline.
         unl = unl[: max(1, round(u_fraction * len(unl)))]
-    variant = storage.join(
-        teacher_dir,
-        f"p{cfg.top_p}-k{top_k}-u{u_fraction:g}",
-        tables.config_hash([cfg.student, cfg.finetune])[:8],
-    )
+    selection_dir = storage.join(teacher_dir, f"p{cfg.top_p}-k{top_k}-u{u_fraction:g}")
+    student_dir = storage.join(selection_dir, f"student-{tables.config_hash(cfg.student)[:8]}")
+    finetune_dir = storage.join(student_dir, f"finetune-{tables.config_hash(cfg.finetune)[:8]}")
     pseudo, n_pseudo = stage(
         "pseudo_label",
         pseudo_label,
         teacher,
         unl,
-        storage.join(teacher_dir, f"p{cfg.top_p}-k{top_k}-u{u_fraction:g}"),
+        selection_dir,
         cfg.top_p,
         top_k,
         cfg.inference_batch_size,
@@ -201,14 +199,14 @@ def run_seed(
         training.train,
         student_cfg,
         pseudo,
-        storage.join(variant, "student"),
+        student_dir,
     )
     finetuned = stage(
         "student_finetune",
         training.train,
         with_seed(cfg.finetune, seed),
         lab,
-        storage.join(variant, "finetuned"),
+        finetune_dir,
         init_checkpoint=student,
     )
     baseline = stage("baseline", training.train, with_seed(cfg.baseline, seed), lab, baseline_dir)

@@ -201,7 +201,9 @@ class SemiSupervisedConfig(Strict):
 class InferConfig(Strict):
     """Teacher inference over shards: top-P predictions (and features) per shard."""
 
-    shards: str = Field(description="a shard URL, a folder or prefix of shards, or a brace pattern")
+    shards: str | list[str] = Field(
+        description="a shard URL, a folder or prefix of shards, a brace pattern, or a list"
+    )
     checkpoint: str = Field(description="teacher checkpoint (NAME.pt with its NAME.json)")
     out: str = Field(description="writes OUT/predictions/, OUT/features/, OUT/rejects/infer/")
     top_p: int = Field(5, ge=1, description="classes kept per image")
@@ -218,7 +220,9 @@ class InferConfig(Strict):
 class SelectConfig(Strict):
     """Top-K images per class among images whose top-P holds the class (Yalniz et al.)."""
 
-    predictions: str = Field(description="a folder or prefix of predictions Parquet")
+    predictions: str | list[str] = Field(
+        description="a folder or prefix of predictions Parquet, or a list of files"
+    )
     out: str = Field(description="writes OUT/selection.parquet and OUT/selection_report.md")
     top_p: int = Field(5, ge=1)
     top_k: int = Field(16_000, ge=1)
@@ -229,7 +233,7 @@ class MaterializeConfig(Strict):
     """The selected images as new shards, one output shard per input shard."""
 
     selection: str = Field(description="selection.parquet written by select")
-    shards: str = Field(description="the shards the predictions were made on")
+    shards: str | list[str] = Field(description="the shards the predictions were made on")
     out: str = Field(description="writes OUT/shards/<partition>/<stem>.tar")
     checkpoint: str | None = Field(None, description="teacher checkpoint, to check provenance")
 

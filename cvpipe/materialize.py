@@ -12,8 +12,9 @@ still gets an (empty) tar, so a rerun knows it is done.
 
 from __future__ import annotations
 
+import posixpath
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -162,3 +163,24 @@ def materialize(
 ) -> list[MaterializeStats]:
     """Every shard in turn (a flow maps :func:`materialize_shard` instead)."""
     return [materialize_shard(selection_url, u, out, checkpoint) for u in shard_urls]
+
+
+def pseudo_label_precision(
+    urls: Sequence[str], truth: Mapping[str, str] | None = None
+) -> tuple[float, int]:
+    """Share of materialized samples whose pseudo-label is the true label, and how many
+    samples could be checked. The truth is the source's own label (kept as
+    ``source_label``) or, for sources ingested without labels, ``truth`` keyed by the
+    basename of the sample's ``source`` path. NaN when nothing could be checked."""
+    right = checked = 0
+    for url in urls:
+        for s in iter_shard(url, stage=STAGE, decode=False):
+            if not isinstance(s, Sample):
+                continue
+            source = posixpath.basename(str(s.meta.get("source", "")))
+            true = truth.get(source) if truth is not None else s.meta.get("source_label")
+            if true is None:
+                continue
+            checked += 1
+            right += str(true) == s.meta.get("label")
+    return (right / checked if checked else float("nan")), checked

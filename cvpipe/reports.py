@@ -162,3 +162,84 @@ def write_transfer_report(
     tables.write_parquet(table, urls["parquet"], lin)
     write_bytes_atomic(urls["markdown"], transfer_markdown(table).encode())
     return urls
+
+
+# --------------------------------------------------------- the semi-supervised results
+
+SSL_METHODS = ("teacher", "supervised", "student_pretrained", "student_finetuned")
+
+
+def _mean_std(values: list[float]) -> str:
+    v = np.array(values, np.float64) * 100
+    return f"{v.mean():.2f} ± {v.std(ddof=1) if v.size > 1 else 0.0:.2f}"
+
+
+def ssl_results_markdown(rows: Iterable[Mapping[str, Any]]) -> str:
+    """Per seed: |D|, |D^|, precision, top-1 of every method and the gain of the
+    fine-tuned student over the supervised baseline; then mean ± std and paired wins.
+    ``rows`` follow tables.SSL_RUNS for one (K, |U|) setting."""
+    by_seed: dict[int, dict[str, Any]] = {}
+    for r in rows:
+        seed = by_seed.setdefault(int(r["seed"]), {"row": r, "top1": {}})
+        seed["top1"][r["method"]] = float(r["top1"])
+    head = ["seed", "|D|", "|D^|", "precision", *SSL_METHODS, "gain"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    gains = []
+    for seed, s in sorted(by_seed.items()):
+        acc, r = s["top1"], s["row"]
+        gain = acc["student_finetuned"] - acc["supervised"]
+        gains.append(gain)
+        cells = [str(seed), str(r["labeled"]), str(r["pseudo"]), _fmt(r["precision"], 3)]
+        cells += [f"{100 * acc[m]:.2f}" for m in SSL_METHODS] + [f"{100 * gain:+.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    means = [_mean_std([s["top1"][m] for s in by_seed.values()]) for m in SSL_METHODS]
+    lines.append("| mean ± std | | | | " + " | ".join(means) + f" | {_mean_std(gains)} |")
+    wins = sum(g > 0 for g in gains)
+    lines += [
+        "",
+        f"The fine-tuned student beats the supervised baseline on {wins} of "
+        f"{len(gains)} seeds (mean gain {100 * float(np.mean(gains)):+.2f} points).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def ssl_sweep(rows: Iterable[Mapping[str, Any]], x: str) -> tuple[str, bytes]:
+    """A sweep over ``x`` (``top_k`` or ``unlabeled_fraction``): markdown of mean ± std
+    top-1 per method at each value, and a PNG plot of the student against the baseline."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells: dict[float, dict[str, list[float]]] = {}
+    for r in rows:
+        cells.setdefault(float(r[x]), {}).setdefault(r["method"], []).append(float(r["top1"]))
+    xs = sorted(cells)
+    lines = [f"| {x} | " + " | ".join(SSL_METHODS) + " |", "|" + "---|" * (len(SSL_METHODS) + 1)]
+    for v in xs:
+        lines.append(
+            f"| {v:g} | "
+            + " | ".join(_mean_std(cells[v][m]) if m in cells[v] else "" for m in SSL_METHODS)
+            + " |"
+        )
+    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
+    for m in ("student_finetuned", "student_pretrained", "supervised"):
+        ys = [100 * np.mean(cells[v][m]) for v in xs if m in cells[v]]
+        es = [100 * np.std(cells[v][m]) for v in xs if m in cells[v]]
+        ax.errorbar(
+            [v for v in xs if m in cells[v]],
+            ys,
+            yerr=es,
+            marker="o",
+            capsize=3,
+            label=m.replace("_", " "),
+        )
+    ax.set_xlabel("K (images per class)" if x == "top_k" else "fraction of U used")
+    ax.set_ylabel("test top-1 (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return "\n".join(lines) + "\n", buf.getvalue()

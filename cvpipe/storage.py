@@ -15,7 +15,7 @@ import contextlib
 import os
 import posixpath
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import IO
 
 import fsspec
@@ -183,3 +183,11 @@ def expand_urls(spec: str, suffix: str) -> list[str]:
     if not urls:
         raise FileNotFoundError(f"no committed *{suffix} files under {spec}")
     return urls
+
+
+def expand_specs(specs: str | Sequence[str], suffix: str) -> list[str]:
+    """:func:`expand_urls` over one spec or a list of specs (URLs, folders, patterns),
+    in the order given, without duplicates."""
+    if isinstance(specs, str):
+        return expand_urls(specs, suffix)
+    return list(dict.fromkeys(u for spec in specs for u in expand_urls(spec, suffix)))

@@ -213,6 +213,13 @@ def read_parquet(url: str, columns: list[str] | None = None) -> pa.Table:
     return pq.read_table(path, filesystem=fs, columns=columns)
 
 
+def num_rows(url: str) -> int:
+    """Rows of a Parquet file, from its footer alone."""
+    fs, path = url_to_fs(url)
+    with fs.open(path, "rb") as f:
+        return pq.ParquetFile(f).metadata.num_rows
+
+
 def read_lineage(url: str) -> dict[str, Any]:
     fs, path = url_to_fs(url)
     meta = pq.read_schema(path, filesystem=fs).metadata or {}
@@ -292,5 +299,21 @@ SELECTION_REPORT = pa.schema(
         ("selected", pa.int64()),  # min(K, candidates)
         ("min_score", pa.float32()),  # score of the last selected image (null if none)
         ("max_score", pa.float32()),
+    ]
+)
+
+# One row per (seed, K, |U| fraction, method) of the semi-supervised experiment: the
+# main run and every point of the K and |U| sweeps (Yalniz et al. Fig. 5 and Fig. 3).
+SSL_RUNS = pa.schema(
+    [
+        ("seed", pa.int64()),
+        ("top_k", pa.int64()),
+        ("unlabeled_fraction", pa.float64()),
+        ("labeled", pa.int64()),  # |D|
+        ("pseudo", pa.int64()),  # |D^|: pseudo-labeled samples the student saw
+        ("precision", pa.float64()),  # share of D^ whose pseudo-label is right (if known)
+        ("method", pa.string()),
+        ("top1", pa.float64()),
+        ("top5", pa.float64()),
     ]
 )

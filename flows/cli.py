@@ -295,16 +295,154 @@ def label(
     print_summary(run_flow(label_flow, config), f"labels ({method})")
 
 
+def load_yaml_config(path: str, model: Any, **overrides: Any) -> Any:
+    """A config model from a YAML file; a bad field is an error that names it."""
+    import yaml
+
+    from cvpipe.storage import read_bytes
+
+    try:
+        raw = yaml.safe_load(read_bytes(path)) or {}
+    except FileNotFoundError:
+        fail(f"config file {path} does not exist")
+    except yaml.YAMLError as e:
+        fail(f"{path} is not valid YAML: {e}")
+    if not isinstance(raw, dict):
+        fail(f"{path} must hold a mapping of fields")
+    raw.update({k: v for k, v in overrides.items() if v is not None})
+    return parse_config(model, **raw)
+
+
+def run_semi_supervised(config: Any) -> None:
+    from flows.semi_supervised import semi_supervised_flow
+
+    result = run_flow(semi_supervised_flow, config)
+    typer.echo("")
+    typer.echo(result["markdown"])
+    typer.echo(f"results: {config.root}/results.parquet, {config.root}/results.md")
+
+
+@app.command()
+def run(
+    config: str = typer.Argument(..., help="YAML of the semi-supervised experiment"),
+    root: str = typer.Option(None, "--root", help="override the config's output root"),
+) -> None:
+    """Run the teacher-student experiment (flows/examples/demo.yaml is an example)."""
+    from cvpipe.config import SemiSupervisedConfig
+
+    run_semi_supervised(load_yaml_config(config, SemiSupervisedConfig, root=root))
+
+
+def train_config(config: str | None, **fields: Any) -> Any:
+    from cvpipe.config import TrainConfig
+
+    values = {k: v for k, v in fields.items() if v is not None}
+    return (
+        load_yaml_config(config, TrainConfig, **values)
+        if config
+        else parse_config(TrainConfig, **values)
+    )
+
+
+def parse_multipliers(items: list[str] | None) -> dict[str, float] | None:
+    if not items:
+        return None
+    out = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        try:
+            out[name] = float(value)
+        except ValueError:
+            fail(f"--lr-mult takes STAGE=FACTOR, got {item!r}")
+    return out
+
+
+TRAIN_CONFIG = typer.Option(None, "--config", help="TrainConfig YAML; flags override it")
+
+
+@app.command()
+def train(
+    shards: str = typer.Argument(..., help="labeled training shards"),
+    out: str = typer.Option(..., "--out", help="checkpoints, metrics and final.pt go here"),
+    config: str = TRAIN_CONFIG,
+    arch: str = typer.Option(None, "--arch"),
+    epochs: int = typer.Option(None, "--epochs"),
+    batch_size: int = typer.Option(None, "--batch-size"),
+    lr: float = typer.Option(None, "--lr"),
+    input_size: int = typer.Option(None, "--input-size"),
+    seed: int = typer.Option(None, "--seed"),
+    device: str = typer.Option(None, "--device"),
+    test: str = typer.Option(None, "--test", help="labeled shards to evaluate on"),
+) -> None:
+    """Train a classifier from scratch on shards (resumes after a crash)."""
+    from flows.training import train_flow
+
+    cfg = train_config(
+        config,
+        arch=arch,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        input_size=input_size,
+        seed=seed,
+        device=device,
+    )
+    print_summary(run_flow(train_flow, cfg, shards, out, test), "train")
+
+
+@app.command()
+def finetune(
+    shards: str = typer.Argument(..., help="labeled shards of the target task"),
+    init: str = typer.Option(..., "--from", help="the checkpoint to start from"),
+    out: str = typer.Option(..., "--out"),
+    config: str = TRAIN_CONFIG,
+    freeze: int = typer.Option(None, "--freeze", help="freeze the first N named stages"),
+    copy_stages: int = typer.Option(None, "--copy-stages", help="copy only the first N"),
+    lr_mult: list[str] = typer.Option(None, "--lr-mult", help="STAGE=FACTOR, repeatable"),
+    new_head: bool = typer.Option(None, "--new-head/--keep-head"),
+    arch: str = typer.Option(None, "--arch"),
+    epochs: int = typer.Option(None, "--epochs"),
+    lr: float = typer.Option(None, "--lr"),
+    input_size: int = typer.Option(None, "--input-size"),
+    seed: int = typer.Option(None, "--seed"),
+    device: str = typer.Option(None, "--device"),
+    test: str = typer.Option(None, "--test", help="labeled shards to evaluate on"),
+) -> None:
+    """Fine-tune a checkpoint on new labels (head replaced for a new class set)."""
+    from cvpipe.models import load_info
+    from flows.training import train_flow
+
+    cfg = train_config(
+        config,
+        arch=arch or load_info(init).arch,
+        epochs=epochs,
+        lr=lr,
+        input_size=input_size,
+        seed=seed,
+        device=device,
+        freeze_stages=freeze,
+        copy_stages=copy_stages,
+        lr_multipliers=parse_multipliers(lr_mult),
+        new_head=new_head,
+    )
+    print_summary(run_flow(train_flow, cfg, shards, out, test, init), "finetune")
+
+
 @app.command()
 def demo(
     out: str = typer.Option("demo", "--out", help="output folder of the demo"),
+    seeds: int = typer.Option(None, "--seeds", help="run only the first N seeds"),
 ) -> None:
-    """Run the end-to-end demo on the bundled digits."""
-    from flows.demo import demo_flow
+    """The semi-supervised demo on the bundled digits (flows/examples/demo.yaml)."""
+    from importlib.resources import files
 
-    summaries = run_flow(demo_flow, out)
-    for split, summary in summaries.items():
-        print_summary(summary, f"ingest {split}")
+    from cvpipe.config import SemiSupervisedConfig
+
+    example = str(files("flows") / "examples" / "demo.yaml")
+    config = load_yaml_config(example, SemiSupervisedConfig, root=out)
+    if seeds:
+        config = config.model_copy(update={"seeds": config.seeds[:seeds]})
+    run_semi_supervised(config)
 
 
 def main() -> None:

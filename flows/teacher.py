@@ -36,7 +36,7 @@ def _describe_infer(stats: list[inference.InferStats]) -> str:
 @flow(name="infer", flow_run_name="infer {config.shards}")
 def infer_flow(config: InferConfig) -> dict[str, Any]:
     """Top-P predictions (and features) for every shard; committed shards are skipped."""
-    urls = storage.expand_urls(config.shards, ".tar")
+    urls = storage.expand_specs(config.shards, ".tar")
     groups = _chunks(urls, config.shards_per_unit)
     get_run_logger().info(
         "infer %d shard(s) in %d unit(s) with %s", len(urls), len(groups), config.checkpoint
@@ -54,9 +54,11 @@ def infer_flow(config: InferConfig) -> dict[str, Any]:
     return summary
 
 
-def predictions_of(spec: str) -> list[str]:
+def predictions_of(spec: str | list[str]) -> list[str]:
     """Predictions files of a spec; an inference OUT folder means its predictions/ part
     (not its features/ or rejects/)."""
+    if not isinstance(spec, str):
+        return storage.expand_specs(spec, ".parquet")
     inner = storage.join(spec, "predictions")
     fs, path = storage.url_to_fs(inner)
     if fs.isdir(path):
@@ -105,7 +107,7 @@ def select_flow(config: SelectConfig) -> dict[str, Any]:
 @flow(name="materialize", flow_run_name="materialize {config.selection}")
 def materialize_flow(config: MaterializeConfig) -> dict[str, Any]:
     """The selected images as shards, replicated once per selected class."""
-    urls = storage.expand_urls(config.shards, ".tar")
+    urls = storage.expand_specs(config.shards, ".tar")
     units = [
         {
             "selection_url": config.selection,

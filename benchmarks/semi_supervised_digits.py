@@ -279,7 +279,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--top-k", type=int)
     ap.add_argument("--labeled-fraction", type=float)
     ap.add_argument("--sweep", action="store_true", help="also run the K and |U| sweeps")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--threads", type=int, default=1, help="torch threads: 1 is fastest for these tiny models"
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 

@@ -82,6 +82,9 @@ class TrainConfig(Strict):
         default_factory=dict,
         description="stage name (or 'head') -> learning-rate multiplier; missing: 1.0",
     )
+    cpu_threads: int | None = Field(
+        None, ge=1, description="torch threads on CPU (None: torch's default; 1 suits small models)"
+    )
     keep_checkpoints: int | None = Field(
         None,
         ge=1,
@@ -215,6 +218,9 @@ class InferConfig(Strict):
     parallel_units: int = Field(
         1, ge=1, description="inference units in flight; 1 = one teacher per machine/GPU"
     )
+    cpu_threads: int | None = Field(
+        None, ge=1, description="torch threads on CPU (None: torch's default; 1 suits small models)"
+    )
 
 
 class SelectConfig(Strict):
@@ -244,8 +250,8 @@ class MaterializeConfig(Strict):
 class AnchorsConfig(Strict):
     """Named anchor datasets summarized in a reference model's feature space."""
 
-    sources: dict[str, str] = Field(
-        description="anchor name -> its shards (URL, folder or prefix, or brace pattern)",
+    sources: dict[str, str | list[str]] = Field(
+        description="anchor name -> its shards (URL, folder or prefix, brace pattern, list)",
         min_length=1,
     )
     checkpoint: str = Field(description="the reference model")
@@ -259,6 +265,7 @@ class AnchorsConfig(Strict):
     batch_size: int = Field(256, ge=1)
     device: str = "auto"
     num_workers: int = Field(2, ge=0)
+    cpu_threads: int | None = Field(None, ge=1, description="torch threads on CPU")
 
 
 class LabelConfig(Strict):
@@ -279,3 +286,75 @@ class LabelConfig(Strict):
     checkpoint: str | None = Field(None, description="softmax anchors: the reference model")
     kl_direction: Literal["image_anchor", "anchor_image"] = "image_anchor"
     eps: float = Field(1e-8, gt=0, description="KL: added to every probability before renorm")
+
+
+class LabelMethod(Strict):
+    """One pseudo-labeling method of the anchor experiment."""
+
+    method: Literal["nearest", "cfa", "uniform", "random", "vanilla"]
+    n: int = Field(1, ge=1, description="Nearest-N")
+    metric: Literal["cosine", "l2", "kl"] = "cosine"
+    ordered: bool = True
+    n_labels: int | None = Field(None, ge=1, description="uniform/random: labels wanted")
+
+    @property
+    def tag(self) -> str:
+        name = f"{self.method}-{self.n}" if self.method == "nearest" else self.method
+        return name if self.ordered else f"{name}-unordered"
+
+
+class TransferTarget(Strict):
+    train: str | list[str] = Field(description="labeled shards of the target task")
+    test: str | list[str] = Field(description="held-out labeled shards of the target task")
+
+
+class DigitsAnchors(Strict):
+    """The bundled digits as an anchor experiment: anchor datasets are groups of digit
+    classes, target tasks are other groups, U is the unlabeled split of all digits."""
+
+    anchor_groups: dict[str, str] = Field(
+        default_factory=lambda: {"d01": "01", "d23": "23", "d45": "45", "d67": "67"},
+        description="anchor name -> its digit classes",
+    )
+    target_groups: dict[str, str] = Field(
+        default_factory=lambda: {"d89": "89", "d0to9": "0123456789"},
+        description="target name -> its digit classes",
+    )
+    split: str = Field("labeled=0.25,unlabeled=0.45,test=0.3", description="digits split")
+    target_per_class: int | None = Field(
+        5, ge=1, description="labeled images per class of each target (None: all)"
+    )
+    size: int = Field(16, ge=8)
+    shard_size: int = Field(200, ge=1)
+
+
+class AnchorTransferConfig(Strict):
+    """Anchors -> pseudo-labels per method -> one source model per method -> fine-tuned
+    on each target -> the transfer table (targets x methods)."""
+
+    root: str
+    digits: DigitsAnchors | None = None
+    anchors: dict[str, str | list[str]] | None = Field(None, description="name -> shards")
+    unlabeled: str | list[str] | None = Field(None, description="shards to pseudo-label")
+    targets: dict[str, TransferTarget] | None = None
+    reference: TrainConfig = Field(
+        description="the reference model, trained on the union of the anchor datasets"
+    )
+    anchor_kind: Literal["mean", "normalized", "softmax"] = "normalized"
+    methods: list[LabelMethod] = Field(min_length=1)
+    source: TrainConfig = Field(description="pretraining of a source model on pseudo-labels")
+    finetune: TrainConfig = Field(description="fine-tuning of each source on each target")
+    scratch: bool = Field(True, description="also train each target from scratch")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _one_data_source(self) -> AnchorTransferConfig:
+        given = [x is not None for x in (self.anchors, self.unlabeled, self.targets)]
+        if self.digits is not None and any(given):
+            raise ValueError("give either digits or anchors/unlabeled/targets, not both")
+        if self.digits is None and not all(given):
+            raise ValueError("give digits, or all of anchors, unlabeled and targets")
+        tags = [m.tag for m in self.methods]
+        if len(set(tags)) != len(tags):
+            raise ValueError(f"methods must differ, got {tags}")
+        return self

@@ -106,3 +106,35 @@ def export_photos(out: str, count: int = 1000, size: int = 256, seed: int = 0) -
         os.makedirs(os.path.dirname(path), exist_ok=True)
         crop.save(path, format="JPEG", quality=90)
     return count
+
+
+def class_manifest(folder: str, classes: str, out_csv: str, per_class: int | None = None) -> int:
+    """A manifest (image, label) of the images of ``folder/<class>/`` for the digit
+    classes in ``classes`` (e.g. "89"), so a group of classes ingests as one dataset;
+    ``per_class`` keeps only the first images of each class (a small labeled set)."""
+    rows = []
+    for c in classes:
+        class_dir = os.path.join(folder, c)
+        if os.path.isdir(class_dir):
+            names = sorted(os.listdir(class_dir))[:per_class]
+            rows += [(os.path.join(class_dir, n), c) for n in names]
+    return _write_manifest(rows, out_csv)
+
+
+def unlabeled_manifest(images: str, out_csv: str) -> int:
+    """A manifest (image, label) of the unlabeled split of :func:`export_digits`, with
+    the hidden labels, for experiments that measure against them."""
+    with open(os.path.join(images, "unlabeled_truth.csv"), newline="") as f:
+        rows = [
+            (os.path.join(images, "unlabeled", r["image"]), r["label"]) for r in csv.DictReader(f)
+        ]
+    return _write_manifest(rows, out_csv)
+
+
+def _write_manifest(rows: list[tuple[str, str]], out_csv: str) -> int:
+    os.makedirs(os.path.dirname(out_csv) or ".", exist_ok=True)
+    with open(out_csv, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "label"])
+        w.writerows(rows)
+    return len(rows)

@@ -184,3 +184,32 @@ def pseudo_label_precision(
             checked += 1
             right += str(true) == s.meta.get("label")
     return (right / checked if checked else float("nan")), checked
+
+
+def relabel_shard(labels_url: str, shard_url: str, out: str) -> MaterializeStats:
+    """One work unit: the samples of one shard that ``labels_url`` (a table with ``key``
+    and ``label`` columns, e.g. anchor labels) labels, with that label in their json
+    (the source's own label is kept as ``source_label``). Bytes are copied, not decoded;
+    writes ``OUT/shards/<partition>/<stem>.tar``, skipped if committed."""
+    sid = shard_id(shard_url)
+    url = output_url(out, sid)
+    if is_committed(url):
+        return _committed_stats(url, sid)
+    t = tables.read_parquet(labels_url, columns=["key", "label"])
+    wanted = dict(zip(t.column("key").to_pylist(), t.column("label").to_pylist(), strict=True))
+    stats = MaterializeStats(sid, selected=len(wanted))
+    with open_atomic(url) as f:
+        writer = ShardWriter(f)
+        for item in iter_shard(shard_url, stage=STAGE, decode=False):
+            if not isinstance(item, Sample) or item.key not in wanted:
+                continue
+            meta = dict(item.meta)
+            if "label" in meta:
+                meta["source_label"] = meta.pop("label")
+            meta["label"] = wanted[item.key]
+            writer.add(item.key, {item.ext: item.data, "json": encode_meta(meta)})
+            stats.images += 1
+            stats.written += 1
+        writer.close()
+    stats.missing = stats.selected - stats.written
+    return stats

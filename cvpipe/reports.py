@@ -117,7 +117,7 @@ def write_pseudo_label_report(
     }
     lin = {**tables.lineage(), "stage": "pseudo_label_report", **(lineage or {})}
     tables.write_parquet(table, urls["parquet"], lin)
-    write_bytes_atomic(urls["markdown"], markdown_table(table).encode())
+    write_bytes_atomic(urls["markdown"], markdown_table(table, digits=3).encode())
     write_bytes_atomic(urls["png"], label_size_histogram_png(counts_by_method))
     return urls
 
@@ -146,7 +146,7 @@ def transfer_table(rows: Iterable[Mapping[str, Any]]) -> pa.Table:
     return tables.from_rows(out, tables.transfer_schema(methods))
 
 
-def transfer_markdown(table: pa.Table, digits: int = 2) -> str:
+def transfer_markdown(table: pa.Table, digits: int = 3) -> str:
     """The transfer table in markdown, each row's best top-1 in bold."""
     bold = {i: b for i, b in enumerate(table.column("best").to_pylist()) if b}
     return markdown_table(table, bold, digits)

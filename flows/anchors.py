@@ -42,6 +42,7 @@ def anchors_build_flow(config: AnchorsConfig) -> list[dict[str, Any]]:
                 batch_size=config.batch_size,
                 device=config.device,
                 num_workers=config.num_workers,
+                cpu_threads=config.cpu_threads,
             )
         )
         for url in storage.expand_urls(storage.join(infer_out, "features"), ".parquet"):

@@ -295,8 +295,7 @@ def label(
     print_summary(run_flow(label_flow, config), f"labels ({method})")
 
 
-def load_yaml_config(path: str, model: Any, **overrides: Any) -> Any:
-    """A config model from a YAML file; a bad field is an error that names it."""
+def load_yaml(path: str) -> dict[str, Any]:
     import yaml
 
     from cvpipe.storage import read_bytes
@@ -309,6 +308,13 @@ def load_yaml_config(path: str, model: Any, **overrides: Any) -> Any:
         fail(f"{path} is not valid YAML: {e}")
     if not isinstance(raw, dict):
         fail(f"{path} must hold a mapping of fields")
+    return raw
+
+
+def load_yaml_config(path: str, model: Any, **overrides: Any) -> Any:
+    """A config model from a YAML file; a bad field is an error that names it."""
+    raw = load_yaml(path)
+    raw.pop("experiment", None)
     raw.update({k: v for k, v in overrides.items() if v is not None})
     return parse_config(model, **raw)
 
@@ -322,15 +328,38 @@ def run_semi_supervised(config: Any) -> None:
     typer.echo(f"results: {config.root}/results.parquet, {config.root}/results.md")
 
 
+EXPERIMENTS = ("semi_supervised", "anchor_transfer")
+
+
 @app.command()
 def run(
-    config: str = typer.Argument(..., help="YAML of the semi-supervised experiment"),
+    config: str = typer.Argument(..., help="experiment YAML (see flows/examples/)"),
     root: str = typer.Option(None, "--root", help="override the config's output root"),
 ) -> None:
-    """Run the teacher-student experiment (flows/examples/demo.yaml is an example)."""
-    from cvpipe.config import SemiSupervisedConfig
+    """Run an experiment from YAML: `experiment: semi_supervised` (the default;
+    flows/examples/demo.yaml) or `experiment: anchor_transfer` (flows/examples/anchors.yaml)."""
+    from cvpipe.config import AnchorTransferConfig, SemiSupervisedConfig
 
-    run_semi_supervised(load_yaml_config(config, SemiSupervisedConfig, root=root))
+    raw = load_yaml(config)
+    kind = raw.pop("experiment", "semi_supervised")
+    if kind not in EXPERIMENTS:
+        fail(f"{config}: experiment must be one of {EXPERIMENTS}, got {kind!r}")
+    if root:
+        raw["root"] = root
+    if kind == "anchor_transfer":
+        run_anchor_transfer(parse_config(AnchorTransferConfig, **raw))
+    else:
+        run_semi_supervised(parse_config(SemiSupervisedConfig, **raw))
+
+
+def run_anchor_transfer(config: Any) -> None:
+    from flows.anchor_labels import anchor_transfer_flow
+
+    result = run_flow(anchor_transfer_flow, config)
+    typer.echo("\nPseudo-label datasets\n\n" + result["pseudo_labels"])
+    typer.echo(
+        "\nTransfer: top-1 of each source fine-tuned on each target\n\n" + result["transfer"]
+    )
 
 
 def train_config(config: str | None, **fields: Any) -> Any:
@@ -432,17 +461,29 @@ def finetune(
 def demo(
     out: str = typer.Option("demo", "--out", help="output folder of the demo"),
     seeds: int = typer.Option(None, "--seeds", help="run only the first N seeds"),
+    anchors: bool = typer.Option(True, "--anchors/--no-anchors", help="the anchor part too"),
 ) -> None:
-    """The semi-supervised demo on the bundled digits (flows/examples/demo.yaml)."""
+    """The demo on the bundled digits: the semi-supervised experiment
+    (flows/examples/demo.yaml), then anchor pseudo-labels and their transfer table
+    (flows/examples/anchors.yaml)."""
     from importlib.resources import files
 
-    from cvpipe.config import SemiSupervisedConfig
+    from cvpipe.config import AnchorTransferConfig, SemiSupervisedConfig
+    from cvpipe.storage import join
 
-    example = str(files("flows") / "examples" / "demo.yaml")
-    config = load_yaml_config(example, SemiSupervisedConfig, root=out)
+    examples = files("flows") / "examples"
+    config = load_yaml_config(
+        str(examples / "demo.yaml"), SemiSupervisedConfig, root=join(out, "semi_supervised")
+    )
     if seeds:
         config = config.model_copy(update={"seeds": config.seeds[:seeds]})
     run_semi_supervised(config)
+    if anchors:
+        run_anchor_transfer(
+            load_yaml_config(
+                str(examples / "anchors.yaml"), AnchorTransferConfig, root=join(out, "anchors")
+            )
+        )
 
 
 def main() -> None:

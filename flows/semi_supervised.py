@@ -82,9 +82,9 @@ def _hidden_truth(root: str) -> dict[str, str] | None:
     return {r["image"]: r["label"] for r in rows}
 
 
-def _score(checkpoint: str, test: list[str], device: str) -> tuple[float, float]:
+def _score(checkpoint: str, test: list[str], cfg: TrainConfig) -> tuple[float, float]:
     out = storage.join(checkpoint.rsplit("/", 1)[0], "eval")
-    result = evaluate(checkpoint, test, out, device=device)
+    result = evaluate(checkpoint, test, out, device=cfg.device, threads=cfg.cpu_threads)
     return result.top1, result.top5
 
 
@@ -142,7 +142,7 @@ def student_flow(
     }
     rows = []
     for method, ckpt in (("student_pretrained", student), ("student_finetuned", finetuned)):
-        top1, top5 = _score(ckpt, data["test"], config.finetune.device)
+        top1, top5 = _score(ckpt, data["test"], config.finetune)
         rows.append({**common, "method": method, "top1": top1, "top5": top5})
     return rows
 
@@ -197,6 +197,7 @@ def semi_supervised_flow(config: SemiSupervisedConfig) -> dict[str, Any]:
                 batch_size=config.inference_batch_size,
                 device=config.teacher.device,
                 num_workers=0,
+                cpu_threads=config.teacher.cpu_threads,
             )
         )
         predictions = [
@@ -213,7 +214,7 @@ def semi_supervised_flow(config: SemiSupervisedConfig) -> dict[str, Any]:
                 k: v for k, v in student_rows[0].items() if k not in ("method", "top1", "top5")
             }
             for method, ckpt in (("teacher", teacher), ("supervised", baseline)):
-                top1, top5 = _score(ckpt, data["test"], config.teacher.device)
+                top1, top5 = _score(ckpt, data["test"], config.teacher)
                 runs.append({**common, "method": method, "top1": top1, "top5": top5})
             runs.extend(student_rows)
         main = [

@@ -30,6 +30,7 @@ def train_flow(
             storage.expand_specs(test, ".tar"),
             storage.join(out, "eval"),
             device=cfg.device,
+            threads=cfg.cpu_threads,
         )
         result.update(top1=scores.top1, top5=scores.top5, test_images=scores.n)
         publish_table(

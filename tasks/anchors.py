@@ -7,7 +7,7 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NONE
 
-from cvpipe import anchors
+from cvpipe import anchors, materialize
 from cvpipe.config import LabelConfig
 
 RETRY = {"cache_policy": NONE, "retries": 2, "retry_delay_seconds": 5}
@@ -68,3 +68,8 @@ def label_file(
         eps=config.eps,
         checkpoint=config.checkpoint,
     )
+
+
+@task(name="relabel-shard", task_run_name="relabel {shard_url}", tags=["io"], **RETRY)
+def relabel_shard(labels_url: str, shard_url: str, out: str) -> materialize.MaterializeStats:
+    return materialize.relabel_shard(labels_url, shard_url, out)

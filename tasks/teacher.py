@@ -7,7 +7,7 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NONE
 
-from cvpipe import inference, materialize, selection
+from cvpipe import inference, materialize, models, selection
 from cvpipe.config import InferConfig
 
 
@@ -24,16 +24,17 @@ def infer_shards(
 ) -> list[inference.InferStats]:
     """One unit: a group of shards through one DataLoader. The teacher is loaded once per
     worker process (cached by checkpoint), not once per task."""
-    return inference.infer_shards(
-        shard_urls,
-        config.checkpoint,
-        config.out,
-        top_p=config.top_p,
-        features=config.features,
-        batch_size=config.batch_size,
-        device=config.device,
-        num_workers=config.num_workers,
-    )
+    with models.cpu_threads(config.cpu_threads):
+        return inference.infer_shards(
+            shard_urls,
+            config.checkpoint,
+            config.out,
+            top_p=config.top_p,
+            features=config.features,
+            batch_size=config.batch_size,
+            device=config.device,
+            num_workers=config.num_workers,
+        )
 
 
 @task(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NONE
 
-from cvpipe import training
+from cvpipe import models, training
 from cvpipe.config import TrainConfig
 
 
@@ -21,7 +21,8 @@ def train(
     cfg: TrainConfig, train_urls: list[str], out: str, init_checkpoint: str | None = None
 ) -> str:
     """Train (or fine-tune from ``init_checkpoint``); returns the final checkpoint URL."""
-    return training.train(cfg, train_urls, out, init_checkpoint=init_checkpoint)
+    with models.cpu_threads(cfg.cpu_threads):
+        return training.train(cfg, train_urls, out, init_checkpoint=init_checkpoint)
 
 
 @task(
@@ -32,6 +33,7 @@ def train(
     tags=["gpu"],
 )
 def evaluate(
-    checkpoint: str, urls: list[str], out: str, device: str = "auto"
+    checkpoint: str, urls: list[str], out: str, device: str = "auto", threads: int | None = None
 ) -> training.EvalResult:
-    return training.evaluate(checkpoint, urls, out, device=device)
+    with models.cpu_threads(threads):
+        return training.evaluate(checkpoint, urls, out, device=device)

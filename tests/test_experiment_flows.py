@@ -1,0 +1,102 @@
+"""The two experiments as flows, at toy size: every stage's output feeds the next."""
+
+import pytest
+
+from cvpipe import models, shards, storage, tables
+from cvpipe.config import AnchorTransferConfig, SemiSupervisedConfig
+
+TINY = {
+    "arch": "small_cnn",
+    "input_size": 16,
+    "batch_size": 32,
+    "lr": 0.05,
+    "augmentation": "shift",
+    "cpu_threads": 1,
+    "keep_checkpoints": 1,
+}
+
+
+@pytest.mark.slow
+def test_semi_supervised_flow_wires_every_stage(prefect_harness, tmp_path):
+    from flows.semi_supervised import semi_supervised_flow
+
+    root = str(tmp_path / "ssl")
+    config = SemiSupervisedConfig(
+        root=root,
+        digits={"labeled_fraction": 0.1, "test_fraction": 0.3, "size": 16, "shard_size": 300},
+        seeds=[0],
+        teacher={**TINY, "epochs": 3},
+        student={**TINY, "epochs": 2},
+        finetune={**TINY, "epochs": 2, "lr": 0.01},
+        baseline={**TINY, "epochs": 3},
+        top_p=1,
+        top_k=20,
+        sweep_top_k=[10],
+        sweep_unlabeled_fraction=[0.5],
+    )
+    out = semi_supervised_flow(config)
+    results = tables.read_parquet(f"{root}/results.parquet").to_pylist()
+    assert sorted(r["method"] for r in results) == sorted(
+        ["teacher", "supervised", "student_pretrained", "student_finetuned"]
+    )
+    assert all(0.0 <= r["top1"] <= r["top5"] <= 1.0 for r in results)
+    assert set(out["gains"]) == {0}
+    assert "beats the supervised baseline" in storage.read_bytes(f"{root}/results.md").decode()
+    runs = tables.read_parquet(f"{root}/runs.parquet").to_pylist()
+    settings = {(r["top_k"], r["unlabeled_fraction"]) for r in runs}
+    assert settings == {(20, 1.0), (10, 1.0), (20, 0.5)}
+    for name in ("sweep_top_k", "sweep_unlabeled"):
+        assert storage.read_bytes(f"{root}/{name}.png")[:4] == b"\x89PNG"
+
+    # The wiring: D^ was selected by this teacher, the student pretrained on D^, the
+    # fine-tuned student started from that student.
+    seed_dir = f"{root}/seed-0"
+    teacher = storage.list_committed(seed_dir, "final.pt", recursive=True)[0]
+    assert teacher.endswith(f"teacher-{tables.config_hash(config.teacher)[:8]}/final.pt")
+    variant = teacher.rsplit("/", 1)[0] + "/p1-k20-u1"
+    pseudo = storage.expand_urls(f"{variant}/pseudo/shards", ".tar")
+    samples = [s for u in pseudo for s in shards.read_shard_samples(u, decode=False)[0]]
+    assert len(samples) == 10 * 20
+    assert {s.meta["pseudo"]["teacher"] for s in samples} == {models.model_id(teacher)}
+    student, finetuned = (
+        storage.list_committed(variant, "final.pt", recursive=True)[i] for i in (1, 0)
+    )
+    assert "student-" in student and "finetuned-" in finetuned
+    assert models.load_info(finetuned).lineage["init_checkpoint"] == student
+    assert models.load_info(student).lineage["train_shards"] == len(pseudo)
+
+
+@pytest.mark.slow
+def test_anchor_transfer_flow_gives_both_tables(prefect_harness, tmp_path):
+    from flows.anchor_labels import anchor_transfer_flow
+
+    root = str(tmp_path / "anchors")
+    config = AnchorTransferConfig(
+        root=root,
+        digits={
+            "anchor_groups": {"a": "01", "b": "23", "c": "45"},
+            "target_groups": {"t": "89"},
+            "shard_size": 300,
+        },
+        methods=[
+            {"method": "nearest", "n": 2},
+            {"method": "random", "n_labels": 3},
+            {"method": "vanilla"},
+        ],
+        reference={**TINY, "epochs": 2},
+        source={**TINY, "epochs": 2},
+        finetune={**TINY, "epochs": 2, "new_head": True},
+    )
+    out = anchor_transfer_flow(config)
+    transfer = tables.read_parquet(f"{root}/transfer.parquet").to_pylist()
+    assert [r["target"] for r in transfer] == ["t"]
+    assert transfer[0]["best"] in {"nearest-2", "random", "vanilla", "scratch"}
+    assert all(0.0 <= transfer[0][m] <= 1.0 for m in ("nearest-2", "random", "vanilla", "scratch"))
+    pseudo = {
+        r["method"]: r for r in tables.read_parquet(f"{root}/pseudo_labels.parquet").to_pylist()
+    }
+    assert pseudo["nearest-2"]["labels"] <= 6  # ordered pairs of 3 anchors
+    assert pseudo["random"]["labels"] == 3
+    assert pseudo["vanilla"]["labels"] == 10  # U holds every digit
+    assert "**" in out["transfer"]  # the best of the row is marked
+    assert storage.read_bytes(f"{root}/pseudo_labels_sizes.png")[:4] == b"\x89PNG"

@@ -540,8 +540,8 @@ def test_transfer_table_marks_best_per_row(tmp_path):
     assert t.column("best").to_pylist() == ["nearest1", "random", "random"]
     assert t.column("nearest1").to_pylist() == [0.71, 0.5, None]
     md = (tmp_path / urls["markdown"]).read_text()
-    assert "| flowers | **0.71** | 0.65 | nearest1 |" in md
-    assert "| cars | 0.50 | **0.55** | random |" in md
+    assert "| flowers | **0.710** | 0.650 | nearest1 |" in md
+    assert "| cars | 0.500 | **0.550** | random |" in md
     with pytest.raises(ValueError, match="two results"):
         reports.transfer_table(rows + rows[:1])
 

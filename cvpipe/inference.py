@@ -34,6 +34,7 @@ import torch
 from PIL import Image
 
 from cvpipe import images, tables
+from cvpipe.ingest import reject_summary, shard_summary
 from cvpipe.loader import ShardDataset
 from cvpipe.models import load_checkpoint, model_id, preprocess, resolve_device
 from cvpipe.shards import Reject, Sample, iter_shard, shard_id, unit_url
@@ -80,15 +81,10 @@ class InferStats:
 
 
 def summarize(stats: Sequence[InferStats]) -> dict[str, Any]:
-    by_reason: Counter = Counter()
-    for s in stats:
-        by_reason.update(s.rejects)
     return {
-        "shards": len(stats),
-        "shards_skipped": sum(s.skipped for s in stats),
+        **shard_summary(stats),
         "images": sum(s.images for s in stats),
-        "rejected": sum(by_reason.values()),
-        "rejects_by_reason": dict(sorted(by_reason.items())),
+        **reject_summary(stats),
         **{
             k: round(sum(getattr(s, k) for s in stats), 4)
             for k in ("decode_s", "h2d_s", "forward_s", "write_s")

@@ -21,6 +21,7 @@ import json
 import os
 import re
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -358,14 +359,25 @@ def committed_stats(root: str, sid: str) -> ShardStats:
 
 def summarize(stats: list[ShardStats]) -> dict[str, Any]:
     """The ingest summary: shards, samples, rejects by reason, how many were skipped."""
+    return {
+        **shard_summary(stats),
+        "samples": sum(s.samples for s in stats),
+        "written": sum(s.written for s in stats),
+        **reject_summary(stats),
+    }
+
+
+def shard_summary(stats: Sequence[Any]) -> dict[str, int]:
+    """Shards of a stage and how many an earlier run had committed (``.skipped``)."""
+    return {"shards": len(stats), "shards_skipped": sum(s.skipped for s in stats)}
+
+
+def reject_summary(stats: Sequence[Any]) -> dict[str, Any]:
+    """Rejects of a stage, in total and by reason, from per-shard ``.rejects`` counts."""
     by_reason: Counter = Counter()
     for s in stats:
         by_reason.update(s.rejects)
     return {
-        "shards": len(stats),
-        "shards_skipped": sum(s.skipped for s in stats),
-        "samples": sum(s.samples for s in stats),
-        "written": sum(s.written for s in stats),
         "rejected": sum(by_reason.values()),
         "rejects_by_reason": dict(sorted(by_reason.items())),
     }

@@ -586,7 +586,7 @@ def finalize(
     _write_selection(result, selection_url(out), lineage)
     report = _report(result, n_classes, classes)
     tables.write_parquet(report, report_url(out), lineage)
-    summary = _summary(report, result)
+    summary = _summary(report, result.top_p, result.top_k, len(result.sources))
     with open_atomic(report_md_url(out)) as f:
         f.write(_markdown(summary, report).encode())
     return summary
@@ -694,14 +694,14 @@ def _report(result: TopK, n_classes: int, classes: Sequence[str] | None) -> pa.T
     )
 
 
-def _summary(report: pa.Table, result: TopK) -> dict[str, Any]:
+def _summary(report: pa.Table, top_p: int, top_k: int, files: int) -> dict[str, Any]:
     sel = report.column("selected").to_numpy()
     names = report.column("class_name").to_pylist()
-    short = [names[i] for i in np.flatnonzero(sel < result.top_k)]
+    short = [names[i] for i in np.flatnonzero(sel < top_k)]
     return {
-        "top_p": result.top_p,
-        "top_k": result.top_k,
-        "predictions_files": len(result.sources),
+        "top_p": top_p,
+        "top_k": top_k,
+        "predictions_files": files,
         "classes": len(sel),
         "selected": int(sel.sum()),
         "candidates": int(report.column("candidates").to_numpy().sum()),
@@ -740,27 +740,10 @@ def _markdown(summary: dict[str, Any], report: pa.Table) -> str:
 
 def read_report(out: str) -> dict[str, Any]:
     """The summary of a committed selection, read back from its report table."""
-    report = tables.read_parquet(report_url(out))
     lin = tables.read_lineage(report_url(out))
-    sel = report.column("selected").to_numpy()
-    names = report.column("class_name").to_pylist()
-    k = int(lin["top_k"])
-    short = [names[i] for i in np.flatnonzero(sel < k)]
-    return {
-        "top_p": int(lin["top_p"]),
-        "top_k": k,
-        "predictions_files": int(lin.get("predictions", 0)),
-        "classes": len(sel),
-        "selected": int(sel.sum()),
-        "candidates": int(report.column("candidates").to_numpy().sum()),
-        "images_per_class_mean": float(sel.mean()) if len(sel) else 0.0,
-        "images_per_class_std": float(sel.std()) if len(sel) else 0.0,
-        "images_per_class_min": int(sel.min()) if len(sel) else 0,
-        "images_per_class_max": int(sel.max()) if len(sel) else 0,
-        "classes_below_k": len(short),
-        "classes_below_k_names": short[:100],
-        "skipped": True,
-    }
+    report = tables.read_parquet(report_url(out))
+    files = int(lin.get("predictions", 0))
+    return {**_summary(report, int(lin["top_p"]), int(lin["top_k"]), files), "skipped": True}
 
 
 # ------------------------------------------------- persisted partials (work units)

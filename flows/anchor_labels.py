@@ -235,7 +235,11 @@ def _report(
     tr = reports.write_transfer_report(rows, storage.join(config.root, "transfer"), lineage)
     pl_md = storage.read_bytes(pl["markdown"]).decode()
     tr_md = storage.read_bytes(tr["markdown"]).decode()
-    publish_markdown(pl_md, "pseudo-label-datasets", "Pseudo-label datasets per method")
+    publish_table(
+        tables.read_parquet(pl["parquet"]).to_pylist(),
+        "pseudo-label-datasets",
+        "Pseudo-label datasets per method: labels, images per label, source top-1",
+    )
     publish_markdown(tr_md, "transfer-table", "Top-1 of each source fine-tuned on each target")
     publish_table(rows, "transfer-rows", "Transfer results, one row per (target, method)")
     return {"pseudo_labels": pl_md, "transfer": tr_md}

@@ -458,6 +458,27 @@ def finetune(
 
 
 @app.command()
+def chop(
+    shards: str = typer.Argument(..., help="labeled shards of the target task"),
+    init: str = typer.Option(..., "--from", help="the base model"),
+    test: str = typer.Option(..., "--test", help="labeled shards to score each run on"),
+    out: str = typer.Option(..., "--out", help="writes OUT/chop.{parquet,md,png}"),
+    config: str = TRAIN_CONFIG,
+    epochs: int = typer.Option(None, "--epochs"),
+    lr: float = typer.Option(None, "--lr"),
+    device: str = typer.Option(None, "--device"),
+) -> None:
+    """Retrain above layer n for n = 0..L, copied layers frozen vs fine-tuned."""
+    from cvpipe.models import load_info
+    from cvpipe.storage import read_bytes
+    from flows.training import chop_flow
+
+    cfg = train_config(config, arch=load_info(init).arch, epochs=epochs, lr=lr, device=device)
+    urls = run_flow(chop_flow, init, cfg, shards, test, out)
+    typer.echo(read_bytes(urls["markdown"]).decode())
+
+
+@app.command()
 def demo(
     out: str = typer.Option("demo", "--out", help="output folder of the demo"),
     seeds: int = typer.Option(None, "--seeds", help="run only the first N seeds"),

@@ -6,7 +6,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from cvpipe import storage
+from cvpipe import storage, training
 from cvpipe.config import TrainConfig
 from tasks.artifacts import publish_table
 from tasks.training import evaluate, train
@@ -40,3 +40,34 @@ def train_flow(
         )
     get_run_logger().info("trained %s", result)
     return result
+
+
+@flow(name="chop", flow_run_name="chop {cfg.arch} from {base_checkpoint}")
+def chop_flow(
+    base_checkpoint: str,
+    cfg: TrainConfig,
+    shards: str | list[str],
+    test: str | list[str],
+    out: str,
+    modes: list[str] | None = None,
+) -> dict[str, str]:
+    """The degree-of-fine-tuning experiment (Yosinski et al. 2014): for n = 0..L copy the
+    base model's first n stages, retrain above them with the copy frozen or fine-tuned,
+    and score each on ``test``. Writes ``chop.{parquet,md,png}`` under ``out``."""
+    train_urls = storage.expand_specs(shards, ".tar")
+    test_urls = storage.expand_specs(test, ".tar")
+    rows = []
+    for n, mode, run_cfg in training.chop_configs(cfg, modes or ["frozen", "finetuned"]):
+        run_out = training.chop_run_dir(out, n, mode)
+        ckpt = train(run_cfg, train_urls, run_out, base_checkpoint)
+        scores = evaluate(
+            ckpt,
+            test_urls,
+            storage.join(run_out, "eval"),
+            device=cfg.device,
+            threads=cfg.cpu_threads,
+        )
+        rows.append({"n": n, "mode": mode, "top1": scores.top1, "top5": scores.top5})
+    urls = training.chop_report(rows, out, cfg.arch)
+    publish_table(rows, "chop", f"Top-1 after copying the first n stages of `{base_checkpoint}`")
+    return urls

@@ -105,3 +105,39 @@ def test_anchor_transfer_flow_gives_both_tables(prefect_harness, tmp_path):
     assert pseudo["vanilla"]["labels"] == 10  # U holds every digit
     assert "**" in out["transfer"]  # the best of the row is marked
     assert storage.read_bytes(f"{root}/pseudo_labels_sizes.png")[:4] == b"\x89PNG"
+
+
+def test_chop_cli_reports_every_depth_and_mode(prefect_harness, digits_shards, tmp_path):
+    from typer.testing import CliRunner
+
+    from cvpipe import training
+    from cvpipe.config import TrainConfig
+    from flows.cli import app
+
+    base = training.train(
+        TrainConfig(**TINY, epochs=1), digits_shards["labeled"], str(tmp_path / "base")
+    )
+    train_yaml = tmp_path / "train.yaml"
+    train_yaml.write_text("epochs: 1\nbatch_size: 32\ninput_size: 16\ncpu_threads: 1\n")
+    out = str(tmp_path / "chop")
+    r = CliRunner().invoke(
+        app,
+        [
+            "chop",
+            digits_shards["labeled"][0].rsplit("/", 1)[0],
+            "--from",
+            base,
+            "--test",
+            digits_shards["test"][0],
+            "--out",
+            out,
+            "--config",
+            str(train_yaml),
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    rows = tables.read_parquet(f"{out}/chop.parquet").to_pylist()
+    assert sorted((row["n"], row["mode"]) for row in rows) == sorted(
+        [(n, m) for n in range(4) for m in ("finetuned", "frozen")]
+    )
+    assert storage.read_bytes(f"{out}/chop.png")[:4] == b"\x89PNG"

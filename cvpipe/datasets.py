@@ -132,9 +132,12 @@ def unlabeled_manifest(images: str, out_csv: str) -> int:
 
 
 def _write_manifest(rows: list[tuple[str, str]], out_csv: str) -> int:
-    os.makedirs(os.path.dirname(out_csv) or ".", exist_ok=True)
+    # Image paths relative to the manifest's folder: how ingest resolves them, and the
+    # manifest stays valid wherever the tree is moved.
+    folder = os.path.dirname(out_csv) or "."
+    os.makedirs(folder, exist_ok=True)
     with open(out_csv, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["image", "label"])
-        w.writerows(rows)
+        w.writerows((os.path.relpath(image, folder), label) for image, label in rows)
     return len(rows)

@@ -167,3 +167,15 @@ def test_rerun_skips_committed_shards(bad_folder, tmp_path):
     assert all(s.skipped for s in stats)
     assert ingest.summarize(stats)["samples"] == 10
     assert {u: storage.url_to_fs(u)[0].modified(u) for u in urls} == before
+
+
+def test_digit_manifests_ingest_from_a_relative_root(digits_dir, tmp_path, monkeypatch):
+    from cvpipe import datasets
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "rel").symlink_to(digits_dir)
+    n = datasets.class_manifest("rel/labeled", "89", "out/manifests/d89.csv")
+    assert n > 0
+    urls = ingest_folder("out/manifests/d89.csv", "out/data", "d89", "d", 100)
+    samples = [s for u in urls for s in shards.read_shard_samples(u)[0]]
+    assert len(samples) == n and {s.meta["label"] for s in samples} == {"8", "9"}

@@ -103,3 +103,18 @@ def s3_root(moto_endpoint):
     s3fs.S3FileSystem().mkdir("cvpipe-test")
     yield "s3://cvpipe-test"
     s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture(scope="session")
+def random_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """An untrained (seeded) small_cnn over the ten digit classes, saved as a checkpoint:
+    enough for the plumbing of inference, selection and anchors."""
+    import torch
+
+    from cvpipe import models
+
+    torch.manual_seed(0)
+    url = str(tmp_path_factory.mktemp("ckpt") / "random.pt")
+    info = models.ModelInfo("small_cnn", [str(i) for i in range(10)], 16, (0.5,) * 3, (0.5,) * 3)
+    models.save_checkpoint(models.build("small_cnn", 10), info, url)
+    return url

@@ -9,15 +9,9 @@ from typer.testing import CliRunner
 from cvpipe import anchors, models, storage, tables
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    import torch
-
-    torch.manual_seed(0)
-    url = str(tmp_path_factory.mktemp("ref") / "reference.pt")
-    info = models.ModelInfo("small_cnn", [str(i) for i in range(10)], 16, (0.5,) * 3, (0.5,) * 3)
-    models.save_checkpoint(models.build("small_cnn", 10), info, url)
-    return url
+@pytest.fixture
+def checkpoint(random_checkpoint):
+    return random_checkpoint
 
 
 def test_anchors_build_and_every_labeler(

@@ -18,7 +18,6 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's warning threshold, enforced as a hard limit
-IMAGE_EXTENSIONS = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}
 SHARD_EXTENSION = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 
 # Never decode a partial image: a truncated file is a reject, not a grey bottom half.

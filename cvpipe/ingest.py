@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 
 from cvpipe import images, tables
 from cvpipe.shards import ShardWriter, encode_meta, shard_id, shard_url, unit_url
-from cvpipe.storage import is_committed, is_local, join, open_atomic, url_to_fs
+from cvpipe.storage import is_committed, is_local, join, open_atomic, read_bytes, url_to_fs
 
 PLAN = pa.schema(
     [
@@ -213,15 +213,6 @@ class ShardStats:
         }
 
 
-def _read_source_bytes(url: str) -> bytes:
-    if "://" not in url:
-        with open(url, "rb") as f:
-            return f.read()
-    fs, path = url_to_fs(url)
-    with fs.open(path, "rb") as f:
-        return f.read()
-
-
 def _parse_list(value: str | None, what: str) -> list | None:
     if value is None:
         return None
@@ -257,7 +248,7 @@ def _prepare(row: dict[str, Any], max_pixels: int) -> tuple[str, bytes, dict[str
     except (ValueError, TypeError, AttributeError) as e:
         raise images.RejectedImage("bad_metadata", str(e)) from None
     try:
-        data = _read_source_bytes(row["image"])
+        data = read_bytes(row["image"])
     except FileNotFoundError:
         raise images.RejectedImage("missing_file", f"{row['image']} does not exist") from None
     except (OSError, ValueError) as e:

@@ -34,6 +34,13 @@ def shard_url(root: str, partition: str, name: str, index: int) -> str:
     return join(root, "shards", partition, f"{name}-{index:06d}.tar")
 
 
+def ingest_root(url: str) -> str | None:
+    """The ``{root}`` of a shard laid out as ``{root}/shards/{partition}/...tar`` (where
+    its ``index/`` and ``rejects/`` live), or None for a shard outside that layout."""
+    head, sep, _ = str(url).rpartition("/shards/")
+    return head if sep else None
+
+
 def shard_id(url: str) -> str:
     """The id a row carries in its ``shard`` column: ``{partition}/{stem}``, i.e. the
     shard's folder and file name without ``.tar``. Stable wherever the root lives.

@@ -154,6 +154,9 @@ def remove_stale_temps(url: str) -> int:
 
 
 def read_bytes(url: str) -> bytes:
+    if "://" not in str(url):  # plain local path: skip fsspec's resolution (ingest hot path)
+        with open(url, "rb") as f:
+            return f.read()
     fs, path = url_to_fs(url)
     with fs.open(path, "rb") as f:
         return f.read()

@@ -226,10 +226,6 @@ def read_lineage(url: str) -> dict[str, Any]:
     return json.loads(meta[LINEAGE_KEY]) if LINEAGE_KEY in meta else {}
 
 
-def empty(schema: pa.Schema) -> pa.Table:
-    return schema.empty_table()
-
-
 def from_rows(rows: list[Mapping[str, Any]], schema: pa.Schema) -> pa.Table:
     return pa.Table.from_pylist(list(rows), schema=schema)
 

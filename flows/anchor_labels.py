@@ -214,7 +214,12 @@ def anchor_transfer_flow(config: AnchorTransferConfig) -> dict[str, Any]:
 
 def _truth_root(unlabeled: list[str]) -> str:
     """Vanilla labels are U's own: the ingest root whose index/ holds them."""
-    return unlabeled[0].rsplit("/shards/", 1)[0]
+    root = shards.ingest_root(unlabeled[0])
+    if root is None:
+        raise ValueError(
+            f"vanilla labels need U ingested by cvpipe (an index/), not {unlabeled[0]}"
+        )
+    return root
 
 
 def _report(

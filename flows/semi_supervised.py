@@ -152,8 +152,9 @@ def _count(urls: list[str]) -> int:
     (a Parquet footer read), else by streaming the tar without decoding."""
     total = 0
     for url in urls:
-        index = shards.unit_url(url.rsplit("/shards/", 1)[0], "index", shards.shard_id(url))
-        if "/shards/" in url and storage.is_committed(index):
+        root = shards.ingest_root(url)
+        index = shards.unit_url(root, "index", shards.shard_id(url)) if root else None
+        if index and storage.is_committed(index):
             total += tables.num_rows(index)
         else:
             total += sum(isinstance(i, shards.Sample) for i in shards.iter_shard(url, decode=False))
@@ -203,6 +204,9 @@ def semi_supervised_flow(config: SemiSupervisedConfig) -> dict[str, Any]:
         predictions = [
             inference.predictions_url(infer_out, shards.shard_id(u)) for u in data["unlabeled"]
         ]
+        # The teacher and baseline do not depend on K or |U|: score them once per seed
+        # (once in all when the baseline is the teacher's run).
+        scores = {ckpt: _score(ckpt, data["test"], config.teacher) for ckpt in {teacher, baseline}}
         variants = [(config.top_k, 1.0)]
         variants += [(k, 1.0) for k in config.sweep_top_k if k != config.top_k]
         variants += [(config.top_k, f) for f in config.sweep_unlabeled_fraction if f != 1.0]
@@ -214,7 +218,7 @@ def semi_supervised_flow(config: SemiSupervisedConfig) -> dict[str, Any]:
                 k: v for k, v in student_rows[0].items() if k not in ("method", "top1", "top5")
             }
             for method, ckpt in (("teacher", teacher), ("supervised", baseline)):
-                top1, top5 = _score(ckpt, data["test"], config.teacher)
+                top1, top5 = scores[ckpt]
                 runs.append({**common, "method": method, "top1": top1, "top5": top5})
             runs.extend(student_rows)
         main = [

@@ -40,8 +40,15 @@ class ImageHeader:
     format: str  # JPEG | PNG | WEBP | other Pillow format names
     width: int
     height: int
+    # JPEG only, read from the frame header: colour components (1 gray, 3 YCbCr/RGB,
+    # 4 CMYK/YCCK), progressive coding, and whether an EXIF block (maybe a rotation)
+    # precedes the frame. None/False where unknown or not a JPEG.
+    components: int | None = None
+    progressive: bool = False
+    exif: bool = False
 
 
+_JPEG_PROGRESSIVE = {0xC2, 0xC6, 0xCA, 0xCE}
 _JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 
 
@@ -53,7 +60,7 @@ def _sniff(data: bytes) -> ImageHeader | None:
         w, h = struct.unpack(">II", data[16:24])
         return ImageHeader("PNG", w, h)
     if data[:2] == b"\xff\xd8":
-        i, n = 2, len(data)
+        i, n, exif = 2, len(data), False
         while i + 4 <= n:
             if data[i] != 0xFF:
                 return None
@@ -62,13 +69,18 @@ def _sniff(data: bytes) -> ImageHeader | None:
                 i += 1
                 continue
             if marker in _JPEG_SOF:
-                if i + 9 > n:
+                if i + 10 > n:
                     return None
                 h, w = struct.unpack(">HH", data[i + 5 : i + 9])
-                return ImageHeader("JPEG", w, h)
+                return ImageHeader(
+                    "JPEG", w, h, components=data[i + 9], progressive=marker in _JPEG_PROGRESSIVE,
+                    exif=exif,
+                )  # fmt: skip
             if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
                 i += 2
                 continue
+            if marker == 0xE1 and data[i + 4 : i + 10] == b"Exif\x00\x00":
+                exif = True
             i += 2 + struct.unpack(">H", data[i + 2 : i + 4])[0]
         return None
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP" and len(data) >= 30:

@@ -18,7 +18,6 @@ GPU always has the next batch queued while the host handles the previous one.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import time
 import warnings
@@ -96,14 +95,21 @@ def summarize(stats: Sequence[InferStats]) -> dict[str, Any]:
 
 
 def _jpeg_for_gpu(data: bytes, max_pixels: int) -> bool:
-    """True when nvjpeg can take these bytes as they are: a complete baseline RGB or
-    grayscale JPEG within the pixel cap and with no EXIF rotation (nvjpeg ignores EXIF).
-    Raises :class:`images.RejectedImage` for a bad image (the same checks as ingest)."""
+    """True when nvjpeg can take these bytes as they are: a complete baseline JPEG with
+    1 (gray) or 3 (YCbCr) components within the pixel cap and with no EXIF rotation
+    (nvjpeg ignores EXIF). Everything else (progressive, CMYK, rotated, PNG, WebP) is
+    decoded on the host. Raises :class:`images.RejectedImage` for a bad image (the
+    same checks as ingest). The frame header decides; Pillow is only asked about EXIF
+    when the file carries an EXIF block."""
     header = images.inspect(data, max_pixels)
-    if header.format != "JPEG" or header.mode not in ("RGB", "L"):
+    if header.format != "JPEG" or header.components not in (1, 3) or header.progressive:
         return False
-    with contextlib.suppress(Exception):
-        if Image.open(io.BytesIO(data)).getexif().get(_EXIF_ORIENTATION, 1) != 1:
+    if header.exif:
+        try:
+            orientation = Image.open(io.BytesIO(data)).getexif().get(_EXIF_ORIENTATION, 1)
+        except Exception:  # a broken EXIF block: let the host decoder decide
+            return False
+        if orientation != 1:
             return False
     return True
 
@@ -209,6 +215,31 @@ class _ShardBuffer:
         self.stats = InferStats(sid)
 
 
+class _Clock:
+    """Marks between the steps of one batch: CUDA events on a GPU (read once the batch
+    is done, so the host never waits), wall time on a CPU."""
+
+    def __init__(self, cuda: bool) -> None:
+        self.cuda = cuda
+        self.marks: list[Any] = []
+
+    def mark(self) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def intervals(self) -> list[float]:
+        """Seconds between consecutive marks (waits for the last CUDA event)."""
+        m = self.marks
+        if self.cuda:
+            m[-1].synchronize()
+            return [a.elapsed_time(b) / 1e3 for a, b in zip(m, m[1:])]
+        return [b - a for a, b in zip(m, m[1:])]
+
+
 @dataclass
 class _Inflight:
     """A batch whose results may still be on their way from the GPU."""
@@ -219,10 +250,7 @@ class _Inflight:
     top_scores: torch.Tensor | None = None
     top_classes: torch.Tensor | None = None
     embeddings: torch.Tensor | None = None
-    events: list[Any] = field(default_factory=list)  # CUDA events e0..e3
-    h2d_s: float = 0.0
-    decode_s: float = 0.0
-    forward_s: float = 0.0
+    clock: _Clock | None = None  # marks: start, host images on device, JPEGs decoded, done
 
 
 class Teacher:
@@ -238,7 +266,7 @@ class Teacher:
         features: bool = False,
         num_workers: int = 2,
         prefetch_factor: int = 4,
-        gpu_decode: bool = True,
+        jpeg_on_device: bool | None = None,
         max_pixels: int = images.DEFAULT_MAX_PIXELS,
     ) -> None:
         if batch_size < 1 or top_p < 1:
@@ -250,14 +278,15 @@ class Teacher:
         self.model.eval()
         if self.cuda:
             self.model = self.model.to(memory_format=torch.channels_last)
-            torch.backends.cudnn.benchmark = True
         self.model_id = model_id(checkpoint_url)
         self.batch_size = batch_size
         self.top_p = min(top_p, self.info.num_classes)
         self.features = features
         self.num_workers = num_workers
         self.prefetch_factor = prefetch_factor
-        self.gpu_decode = gpu_decode and self.cuda
+        # JPEGs decoded where the model runs (nvjpeg on CUDA). Default: on with CUDA
+        # only; forcing it on a CPU runs the same code path with libjpeg (for tests).
+        self.jpeg_on_device = self.cuda if jpeg_on_device is None else jpeg_on_device
         self.max_pixels = max_pixels
         self.transform = preprocess(self.info)
         self.config = {
@@ -338,68 +367,72 @@ class Teacher:
         x = torch.stack(kept).float().div_(255.0).sub_(self._mean).div_(self._std)
         return x, failed
 
+    def _host_fallback(
+        self, jpegs: list[torch.Tensor], meta: list[tuple[str, str, int]], fl: _Inflight
+    ) -> list[torch.Tensor]:
+        """JPEGs the device decoder refused, decoded on the host as the CPU path would:
+        used when the host can read them, else rejected with the host decoder's reason,
+        so both paths count the same images and the same rejects."""
+        kept = []
+        for data, (sid, key, position) in zip(jpegs, meta):
+            try:
+                kept.append(self.transform(images.decode(data.numpy().tobytes(), self.max_pixels)))
+            except images.RejectedImage as e:
+                fl.rejects.append(Reject(key, sid, STAGE, e.reason, e.detail).row())
+                continue
+            fl.meta.append((sid, key, position))
+        return [torch.stack(kept).to(self.device)] if kept else []
+
     def _launch(self, batch: dict[str, Any]) -> _Inflight:
-        meta = list(batch["image_meta"])
-        fl = _Inflight(meta=meta, rejects=list(batch["rejects"]), ends=list(batch["ends"]))
-        x = batch["images"]
+        """Start one batch: host-decoded images and device-decoded JPEGs go through the
+        model together. On CUDA nothing here waits for the GPU: results are copied to
+        pinned memory asynchronously and read by :meth:`_finish` one batch later."""
+        fl = _Inflight(
+            meta=list(batch["image_meta"]), rejects=list(batch["rejects"]), ends=list(batch["ends"])
+        )
         jpegs, jpeg_meta = batch["jpegs"], batch["jpeg_meta"]
-        if not meta and not jpegs:
+        if not fl.meta and not jpegs:
             return fl
-        if self.cuda:
-            ev = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
-            ev[0].record()
-            parts = []
-            if meta:
-                parts.append(
-                    x.to(self.device, non_blocking=True).contiguous(
-                        memory_format=torch.channels_last
-                    )
-                )
-            ev[1].record()
-            if jpegs:
-                y, failed = self._gpu_images(jpegs)
-                for i in failed:
-                    sid, key, _ = jpeg_meta[i]
-                    fl.rejects.append(
-                        Reject(key, sid, STAGE, "corrupt_image", "nvjpeg could not decode").row()
-                    )
-                bad = set(failed)
-                meta += [m for i, m in enumerate(jpeg_meta) if i not in bad]
-                if len(y):
-                    parts.append(y.contiguous(memory_format=torch.channels_last))
-            ev[2].record()
-            if parts:
-                x = torch.cat(parts) if len(parts) > 1 else parts[0]
-                with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
-                    logits, feats = self.model.forward_with_features(x)
-                    probs = torch.softmax(logits.float(), dim=1)
-                    top = probs.topk(self.top_p, dim=1)
-                fl.top_scores = _to_host(top.values)
-                fl.top_classes = _to_host(top.indices.int())
-                if self.features:
-                    fl.embeddings = _to_host(feats.float())
-            ev[3].record()
-            fl.events = ev
-            fl.meta = meta
-            return fl
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            logits, feats = self.model.forward_with_features(x)
-            top = torch.softmax(logits.float(), dim=1).topk(self.top_p, dim=1)
-        fl.top_scores, fl.top_classes = top.values, top.indices.int()
-        fl.embeddings = feats.float() if self.features else None
-        fl.forward_s = time.perf_counter() - t0
+        clock = fl.clock = _Clock(self.cuda)
+        clock.mark()
+        parts = [batch["images"].to(self.device, non_blocking=True)] if fl.meta else []
+        clock.mark()
+        if jpegs:
+            y, failed = self._gpu_images(jpegs)
+            bad = set(failed)
+            fl.meta += [m for i, m in enumerate(jpeg_meta) if i not in bad]
+            if len(y):
+                parts.append(y)
+            if failed:
+                parts += self._host_fallback([jpegs[i] for i in failed],
+                                             [jpeg_meta[i] for i in failed], fl)  # fmt: skip
+        clock.mark()
+        if parts:
+            x = torch.cat(parts) if len(parts) > 1 else parts[0]
+            if self.cuda:
+                x = x.contiguous(memory_format=torch.channels_last)
+            # cuDNN autotuning for this model only: the flag is restored afterwards, so
+            # other code in the process (training, evaluation) keeps its own setting.
+            with (
+                torch.inference_mode(),
+                torch.backends.cudnn.flags(enabled=True, benchmark=self.cuda),
+                torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cuda),
+            ):
+                logits, feats = self.model.forward_with_features(x)
+                top = torch.softmax(logits.float(), dim=1).topk(self.top_p, dim=1)
+            fl.top_scores = _to_host(top.values)
+            fl.top_classes = _to_host(top.indices.int())
+            if self.features:
+                fl.embeddings = _to_host(feats.float())
+        clock.mark()
         return fl
 
     # ------------------------------------------------------------------ results
 
     def _finish(self, fl: _Inflight, buffers: dict[str, _ShardBuffer], out: str) -> None:
-        if fl.events:
-            fl.events[-1].synchronize()
-            e = fl.events
-            fl.h2d_s = e[0].elapsed_time(e[1]) / 1e3
-            fl.decode_s = e[1].elapsed_time(e[2]) / 1e3
-            fl.forward_s = e[2].elapsed_time(e[3]) / 1e3
+        h2d_s = decode_s = forward_s = 0.0
+        if fl.clock is not None:
+            h2d_s, decode_s, forward_s = fl.clock.intervals()
         if fl.meta and fl.top_classes is not None:
             classes = fl.top_classes.numpy()
             scores = fl.top_scores.numpy()
@@ -416,9 +449,9 @@ class Teacher:
                 if embeddings is not None:
                     buf.embeddings.append(embeddings[rows])
                 share = len(rows) / n
-                buf.stats.h2d_s += fl.h2d_s * share
-                buf.stats.forward_s += fl.forward_s * share
-                buf.stats.decode_s += fl.decode_s * share
+                buf.stats.h2d_s += h2d_s * share
+                buf.stats.forward_s += forward_s * share
+                buf.stats.decode_s += decode_s * share
         for row in fl.rejects:
             buffers[row["shard"]].rejects.append(row)
         for end in fl.ends:
@@ -493,7 +526,7 @@ class Teacher:
                 todo,
                 self.transform,
                 self.batch_size,
-                gpu_jpeg=self.gpu_decode,
+                gpu_jpeg=self.jpeg_on_device,
                 max_pixels=self.max_pixels,
             )
             workers = max(0, min(self.num_workers, len(todo)))
@@ -527,6 +560,8 @@ class Teacher:
 
 def _to_host(t: torch.Tensor) -> torch.Tensor:
     """Start a device -> pinned host copy without waiting for it."""
+    if t.device.type == "cpu":
+        return t
     host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
     host.copy_(t, non_blocking=True)
     return host

@@ -146,3 +146,127 @@ def test_rejects_are_counted_not_fatal(checkpoint, bad_shard, digits_shards, tmp
     # read back from the committed outputs on a rerun
     again = teacher.process([bad_shard], out)[0]
     assert again.skipped and again.images == 5 and again.rejects == bad.rejects
+
+
+# ------------------------------------------------------ the GPU path, run on the CPU
+
+
+def _jpeg(mode: str, size=(40, 30), **save) -> bytes:
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    im = Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8), "RGB")
+    im = im.convert(mode)
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", **save)
+    return buf.getvalue()
+
+
+def _rotated_jpeg() -> bytes:
+    import io
+
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(buf, format="JPEG", exif=exif.tobytes())
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (_jpeg("RGB"), True),
+        (_jpeg("L"), True),
+        (_jpeg("CMYK"), False),  # nvjpeg's RGB output of CMYK is not Pillow's
+        (_jpeg("RGB", progressive=True), False),
+        (_rotated_jpeg(), False),  # nvjpeg ignores EXIF orientation
+    ],
+    ids=["rgb", "gray", "cmyk", "progressive", "exif-rotated"],
+)
+def test_which_jpegs_go_to_the_device_decoder(data: bytes, expected: bool) -> None:
+    from cvpipe.inference import _jpeg_for_gpu
+
+    assert _jpeg_for_gpu(data, 10**8) is expected
+
+
+def test_jpeg_for_gpu_rejects_bad_images_like_ingest() -> None:
+    from cvpipe import images
+    from cvpipe.inference import _jpeg_for_gpu
+
+    data = _jpeg("RGB")
+    with pytest.raises(images.RejectedImage) as e:
+        _jpeg_for_gpu(data[: len(data) // 2], 10**8)
+    assert e.value.reason == "truncated_image"
+    with pytest.raises(images.RejectedImage) as e:
+        _jpeg_for_gpu(data, 100)  # 40 x 30 > 100 pixels
+    assert e.value.reason == "too_many_pixels"
+
+
+@pytest.fixture(scope="module")
+def jpeg_shard(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """JPEGs of every kind the device path sorts: baseline RGB and gray (device), CMYK,
+    progressive and EXIF-rotated (host), a PNG (host) and a corrupt JPEG (reject)."""
+    members = [
+        ("rgb-a", _jpeg("RGB", size=(48, 32)), "jpg"),
+        ("gray", _jpeg("L", size=(32, 48)), "jpg"),
+        ("cmyk", _jpeg("CMYK"), "jpg"),
+        ("rgb-b", _jpeg("RGB", size=(48, 32), quality=50), "jpg"),
+        ("progressive", _jpeg("RGB", progressive=True), "jpg"),
+        ("rotated", _rotated_jpeg(), "jpg"),
+        ("broken", _jpeg("RGB")[:200] + b"\xff\xd9", "jpg"),  # cut inside its headers
+    ]
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (20, 20), (0, 90, 200)).save(buf, format="PNG")
+    members.insert(3, ("png", buf.getvalue(), "png"))
+    url = str(tmp_path_factory.mktemp("jpegs") / "shards" / "j" / "jpegs-000000.tar")
+    write_shard(url, [(k, {ext: d, "json": b"{}"}) for k, d, ext in members])
+    return url
+
+
+def test_device_jpeg_path_matches_host_decoding(checkpoint: str, jpeg_shard: str, tmp_path) -> None:
+    """The CUDA path's code (JPEG bytes batched to the model's device, decoded there,
+    resized and normalized as tensors, merged back in shard order) run on the CPU with
+    torchvision's decoder: same keys in the same order, same rejects, and scores within
+    the resize differences of the two decoders."""
+    host = Teacher(checkpoint, device="cpu", batch_size=3, num_workers=0, top_p=3)
+    dev = Teacher(checkpoint, device="cpu", batch_size=3, num_workers=0, top_p=3,
+                  jpeg_on_device=True)  # fmt: skip
+    [h] = host.process([jpeg_shard], str(tmp_path / "host"))
+    [d] = dev.process([jpeg_shard], str(tmp_path / "dev"))
+    assert (h.images, h.rejects) == (d.images, d.rejects) == (7, {"truncated_image": 1})
+    sid = shard_id(jpeg_shard)
+    ph = tables.read_parquet(predictions_url(str(tmp_path / "host"), sid)).to_pydict()
+    pd = tables.read_parquet(predictions_url(str(tmp_path / "dev"), sid)).to_pydict()
+    assert ph["key"] == pd["key"] == ["rgb-a", "gray", "cmyk", "png", "rgb-b", "progressive",
+                                      "rotated"]  # fmt: skip
+    np.testing.assert_allclose(np.array(ph["scores"]), np.array(pd["scores"]), atol=0.05)
+    assert (d.decode_s, d.forward_s) != (0.0, 0.0)  # the clock marks ran on this path too
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (GPU hosts)")
+def test_cuda_path_matches_cpu(checkpoint: str, jpeg_shard: str, digits_shards, tmp_path) -> None:
+    """The real CUDA path (nvjpeg, bf16 autocast, channels_last, pinned one-batch-late
+    results) against the CPU path: same keys, same rejects, same top-1 almost always."""
+    urls = [jpeg_shard, *digits_shards["test"][:2]]
+    cpu = Teacher(checkpoint, device="cpu", batch_size=64, num_workers=0, top_p=3)
+    gpu = Teacher(checkpoint, device="cuda", batch_size=64, num_workers=2, top_p=3)
+    sc = cpu.process(urls, str(tmp_path / "cpu"))
+    sg = gpu.process(urls, str(tmp_path / "gpu"))
+    assert [(s.images, s.rejects) for s in sc] == [(s.images, s.rejects) for s in sg]
+    agree = total = 0
+    for u in urls:
+        pc = tables.read_parquet(predictions_url(str(tmp_path / "cpu"), shard_id(u))).to_pydict()
+        pg = tables.read_parquet(predictions_url(str(tmp_path / "gpu"), shard_id(u))).to_pydict()
+        assert pc["key"] == pg["key"]
+        agree += sum(a[0] == b[0] for a, b in zip(pc["classes"], pg["classes"]))
+        total += len(pc["key"])
+        np.testing.assert_allclose(np.array(pc["scores"]), np.array(pg["scores"]), atol=0.05)
+    assert agree >= 0.98 * total

@@ -64,7 +64,7 @@ CODECS = {
 
 
 def _codec(codec: str, schema) -> dict:
-    from cvpipe import tables
+    from cvpipe.core import tables
 
     return tables.parquet_write_options(schema) if codec == "pipeline" else CODECS[codec]
 
@@ -74,7 +74,7 @@ def generate(url: str, rows: int, dim: int, seed: int, codec: str = "pipeline") 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from cvpipe import tables
+    from cvpipe.core import tables
 
     t0 = time.perf_counter()
     rng = np.random.default_rng(seed)
@@ -96,7 +96,7 @@ def generate(url: str, rows: int, dim: int, seed: int, codec: str = "pipeline") 
 
 
 def make_anchors(url: str, count: int, dim: int, seed: int) -> None:
-    from cvpipe import anchors as an
+    from cvpipe.label import anchors as an
 
     rng = np.random.default_rng(seed)
     sums = an.AnchorSums("mean", dim, model="bench")
@@ -110,7 +110,7 @@ def make_anchors(url: str, count: int, dim: int, seed: int) -> None:
 
 
 def child_label(args: argparse.Namespace) -> dict:
-    from cvpipe import anchors as an
+    from cvpipe.label import anchors as an
 
     base = peak_rss_mb()
     t0 = time.perf_counter()
@@ -139,7 +139,7 @@ def child_bare(args: argparse.Namespace) -> dict:
     import faiss
     import pyarrow.parquet as pq
 
-    from cvpipe import anchors as an
+    from cvpipe.label import anchors as an
 
     names, mat, _ = an.read_anchors(args.anchors)
     pf = pq.ParquetFile(args.features)

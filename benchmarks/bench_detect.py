@@ -61,7 +61,9 @@ def measure(arch: str, device: torch.device, size: int, batch: int, steps: int, 
     images, targets = synthetic_canvases(batch * 4, size, 10)
     images = [im.to(device) for im in images]
     targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
-    batches = [(images[i : i + batch], targets[i : i + batch]) for i in range(0, len(images), batch)]
+    batches = [
+        (images[i : i + batch], targets[i : i + batch]) for i in range(0, len(images), batch)
+    ]
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -115,7 +117,7 @@ def main() -> None:
     device = torch.device(args.device)
     rows = []
     for arch in args.arch:
-        for amp in ([False, True] if device.type == "cuda" else [False]):
+        for amp in [False, True] if device.type == "cuda" else [False]:
             r = measure(arch, device, args.size, args.batch_size, args.steps, amp)
             print(r, flush=True)
             rows.append(r)

@@ -4,7 +4,7 @@ Generates N images x P=10 predictions over 1,000 classes (10M images = 100M cand
 by default, ~700 MB of Parquet in /tmp, 10k rows per file like a shard), then measures in
 separate subprocesses, so each peak RSS is its own:
 
-- ``cvpipe.selection.select`` with K=16,000: wall time (including writing the selection
+- ``cvpipe.label.selection.select`` with K=16,000: wall time (including writing the selection
   and its report) and peak RSS; target < 1 GiB;
 - the baseline: one ``np.argsort`` of the same N x P scores held in memory (the time of
   the argsort alone; loading them is reported separately). Target: select is faster.
@@ -42,7 +42,7 @@ def generate(root: str, images: int, top_p: int, classes: int, seed: int = 0) ->
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from cvpipe import tables
+    from cvpipe.core import tables
 
     rng = np.random.default_rng(seed)
     # Strides coprime with the class count give P distinct classes per row cheaply.
@@ -80,8 +80,8 @@ def _peak_rss_mib() -> float:
 
 
 def child_select(root: str, top_p: int, top_k: int, fan_in: int) -> dict:
-    from cvpipe import selection
-    from cvpipe.storage import list_committed
+    from cvpipe.core.storage import list_committed
+    from cvpipe.label import selection
 
     urls = list_committed(os.path.join(root, "predictions"), ".parquet", recursive=True)
     rss0 = _peak_rss_mib()
@@ -102,7 +102,7 @@ def child_select(root: str, top_p: int, top_k: int, fan_in: int) -> dict:
 def child_argsort(root: str) -> dict:
     import pyarrow.parquet as pq
 
-    from cvpipe.storage import list_committed
+    from cvpipe.core.storage import list_committed
 
     urls = list_committed(os.path.join(root, "predictions"), ".parquet", recursive=True)
     t0 = time.perf_counter()

@@ -27,8 +27,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from cvpipe import datasets, ingest, shards
-from cvpipe.config import IngestConfig
+from cvpipe.data import datasets, ingest, shards
+from cvpipe.data.config import IngestConfig
 
 
 def bare_ingest(files: list[str], out: str) -> int:
@@ -45,8 +45,7 @@ def bare_ingest(files: list[str], out: str) -> int:
 
 def cvpipe_ingest(source: str, root: str, shard_size: int) -> int:
     cfg = IngestConfig(source=source, root=root, partition="bench", shard_size=shard_size)
-    plan, n = ingest.prepare_plan(source, root, "bench", "shard", shard_size, cfg)
-    return sum(ingest.ingest_shard(root, "bench", "shard", i, plan, cfg).written for i in range(n))
+    return sum(s.written for s in ingest.ingest_partition(cfg))
 
 
 def bare_decode(blobs: list[bytes]) -> int:
@@ -106,7 +105,7 @@ def bench_dataset(name: str, source: str, work: str, rounds: int, shard_size: in
 
 
 def shards_of(root: str) -> list[str]:
-    from cvpipe.storage import list_committed
+    from cvpipe.core.storage import list_committed
 
     return list_committed(os.path.join(root, "shards", "bench"), ".tar")
 

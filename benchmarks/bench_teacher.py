@@ -1,7 +1,7 @@
 """Teacher inference stage throughput vs the bare model forward, in the same run.
 
 Data: ``datasets.export_photos`` JPEG crops of two real photos, ingested into shards.
-The stage (:class:`cvpipe.inference.Teacher`: reading shards, decoding, preprocessing,
+The stage (:class:`cvpipe.infer.teacher.Teacher`: reading shards, decoding, preprocessing,
 batching, forward, top-P, writing Parquet) is compared with the bare forward of the same
 model on pre-decoded, preprocessed tensors already in memory (same batch size, same
 threads). Target: stage / bare >= 0.9 on CPU. The stage's decode, H2D, forward and
@@ -35,18 +35,17 @@ RESULTS = ROOT / "benchmarks" / "results" / "bench_teacher.json"
 
 
 def make_shards(tmp: str, count: int, size: int, shard_size: int) -> list[str]:
-    from cvpipe import ingest, storage
-    from cvpipe.config import IngestConfig
-    from cvpipe.datasets import export_photos
+    from cvpipe.core import storage
+    from cvpipe.data import ingest
+    from cvpipe.data.config import IngestConfig
+    from cvpipe.data.datasets import export_photos
 
     src = os.path.join(tmp, "photos")
     export_photos(src, count=count, size=size)
     root = os.path.join(tmp, "root")
     cfg = IngestConfig(source=src, root=root, partition="bench", name="photos",
                        shard_size=shard_size)  # fmt: skip
-    plan, n = ingest.prepare_plan(src, root, "bench", "photos", shard_size, cfg)
-    for i in range(n):
-        ingest.ingest_shard(root, "bench", "photos", i, plan, cfg)
+    ingest.ingest_partition(cfg)
     return storage.list_committed(storage.join(root, "shards", "bench"), ".tar")
 
 
@@ -55,7 +54,7 @@ def bare_forward(model, info, shards, batch_size, device) -> dict:
     import torch
 
     from cvpipe import models
-    from cvpipe.shards import read_shard_samples
+    from cvpipe.data.shards import read_shard_samples
 
     tf = models.preprocess(info)
     xs = [tf(s.image) for u in shards for s in read_shard_samples(u)[0]]
@@ -95,7 +94,7 @@ def main() -> None:
     import torch
 
     from cvpipe import models
-    from cvpipe.inference import Teacher, summarize
+    from cvpipe.infer.teacher import Teacher, summarize
 
     cuda = args.device == "cuda"
     arch, input_size, photo_size = ("resnet50", 224, 256) if cuda else ("resnet18", 96, 112)

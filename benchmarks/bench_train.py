@@ -2,7 +2,7 @@
 
 Both paths run in the same process on the same model and optimizer, epochs
 interleaved (shards, memory, shards, memory, ...) so that load from other processes hits
-both alike. The shard path is cvpipe.training's real loop: ShardDataset (tar reading,
+both alike. The shard path is cvpipe.learn.training's real loop: ShardDataset (tar reading,
 safe decoding, the augmentation recipe, the shuffle buffer) through a DataLoader. The
 memory path replays batches that path produced, so only data loading differs.
 
@@ -31,10 +31,14 @@ import torch
 ROOT_DIR = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT_DIR))
 
-from cvpipe import ingest, models, storage, training  # noqa: E402
-from cvpipe.config import IngestConfig, TrainConfig  # noqa: E402
-from cvpipe.datasets import export_photos  # noqa: E402
-from cvpipe.loader import Batch, ShardDataset, make_loader  # noqa: E402
+from cvpipe import models  # noqa: E402
+from cvpipe.core import storage  # noqa: E402
+from cvpipe.data import ingest  # noqa: E402
+from cvpipe.data.config import IngestConfig  # noqa: E402
+from cvpipe.data.datasets import export_photos  # noqa: E402
+from cvpipe.data.loader import Batch, ShardDataset, make_loader  # noqa: E402
+from cvpipe.learn import training  # noqa: E402
+from cvpipe.learn.config import TrainConfig  # noqa: E402
 
 RESULTS = ROOT_DIR / "benchmarks" / "results" / "bench_train.json"
 
@@ -46,9 +50,7 @@ def make_shards(root: str, images: int, size: int, shard_size: int) -> list[str]
     cfg = IngestConfig(
         source=src, root=root, partition="bench", name="photos", shard_size=shard_size
     )
-    plan, n = ingest.prepare_plan(src, root, "bench", "photos", shard_size, cfg)
-    for i in range(n):
-        ingest.ingest_shard(root, "bench", "photos", i, plan, cfg)
+    ingest.ingest_partition(cfg)
     return storage.list_committed(storage.join(root, "shards", "bench"), ".tar")
 
 

@@ -15,17 +15,16 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from cvpipe import anchors, datasets, models, reports, shards, storage, tables
-from cvpipe.config import (
-    AnchorsConfig,
-    AnchorTransferConfig,
-    DigitsAnchors,
-    InferConfig,
-    IngestConfig,
-    LabelConfig,
-    LabelMethod,
-    TrainConfig,
-)
+from cvpipe import models
+from cvpipe.core import storage, tables
+from cvpipe.data import datasets, shards
+from cvpipe.data.config import IngestConfig
+from cvpipe.experiments import reports
+from cvpipe.experiments.config import AnchorTransferConfig, DigitsAnchors, LabelMethod
+from cvpipe.infer.config import InferConfig
+from cvpipe.label import anchors
+from cvpipe.label.config import AnchorsConfig, LabelConfig
+from cvpipe.learn.config import TrainConfig
 from flows.anchors import anchors_build_flow, label_flow
 from flows.datasets import export_digits_flow
 from flows.ingest import ingest_flow

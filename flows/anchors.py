@@ -8,8 +8,12 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from cvpipe import anchors, models, shards, storage
-from cvpipe.config import AnchorsConfig, InferConfig, LabelConfig
+from cvpipe import models
+from cvpipe.core import storage
+from cvpipe.data import shards
+from cvpipe.infer.config import InferConfig
+from cvpipe.label import anchors
+from cvpipe.label.config import AnchorsConfig, LabelConfig
 from flows.teacher import infer_flow
 from tasks.anchors import anchor_merge, anchor_partial, count_sequences, label_file, uniform_rule
 from tasks.artifacts import publish_table

@@ -12,7 +12,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from cvpipe.config import IngestConfig
+from cvpipe.data.config import IngestConfig
 from flows.ingest import ingest_flow
 from tasks.artifacts import publish_table
 

@@ -15,7 +15,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 import typer
 from pydantic import ValidationError
 
-from cvpipe.images import DEFAULT_MAX_PIXELS
+from cvpipe.data.images import DEFAULT_MAX_PIXELS
 
 app = typer.Typer(
     help="cvpipe: web-scale images in, labeled data and trained models out.",
@@ -109,7 +109,7 @@ def ingest(
     workers: int = WORKERS,
 ) -> None:
     """Ingest images into WebDataset shards {out}/shards/{partition}/{name}-NNNNNN.tar."""
-    from cvpipe.config import IngestConfig
+    from cvpipe.data.config import IngestConfig
     from flows.ingest import ingest_flow
     from flows.runners import with_runner
 
@@ -175,7 +175,7 @@ def infer(
     shards_per_unit: int = typer.Option(4, "--shards-per-unit", help="shards per task run"),
 ) -> None:
     """Teacher inference: top-P classes and scores (and embeddings) per image."""
-    from cvpipe.config import InferConfig
+    from cvpipe.infer.config import InferConfig
     from flows.teacher import infer_flow
 
     config = parse_config(
@@ -202,7 +202,7 @@ def select(
     fan_in: int = typer.Option(16, "--fan-in", help="partials merged per reduce task"),
 ) -> None:
     """Top-K images per class among the images whose top-P holds the class."""
-    from cvpipe.config import SelectConfig
+    from cvpipe.label.config import SelectConfig
     from flows.teacher import select_flow
 
     config = parse_config(
@@ -221,7 +221,7 @@ def materialize(
     model: str = typer.Option(None, "--model", help="teacher checkpoint, to check provenance"),
 ) -> None:
     """Write the selected images as shards with their pseudo-labels and provenance."""
-    from cvpipe.config import MaterializeConfig
+    from cvpipe.label.config import MaterializeConfig
     from flows.teacher import materialize_flow
 
     config = parse_config(
@@ -240,7 +240,7 @@ def anchors_build(
     batch_size: int = typer.Option(256, "--batch-size"),
 ) -> None:
     """Summarize each NAME=SHARDS dataset as an anchor (one pass, merged partial sums)."""
-    from cvpipe.config import AnchorsConfig
+    from cvpipe.label.config import AnchorsConfig
     from flows.anchors import anchors_build_flow
 
     pairs = [s.split("=", 1) for s in sources]
@@ -275,7 +275,7 @@ def label(
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
     """Anchor-distance pseudo-labels for every image of a features set."""
-    from cvpipe.config import LabelConfig
+    from cvpipe.label.config import LabelConfig
     from flows.anchors import label_flow
 
     config = parse_config(
@@ -298,7 +298,7 @@ def label(
 def load_yaml(path: str) -> dict[str, Any]:
     import yaml
 
-    from cvpipe.storage import read_bytes
+    from cvpipe.core.storage import read_bytes
 
     try:
         raw = yaml.safe_load(read_bytes(path)) or {}
@@ -338,7 +338,7 @@ def run(
 ) -> None:
     """Run an experiment from YAML: `experiment: semi_supervised` (the default;
     flows/examples/demo.yaml) or `experiment: anchor_transfer` (flows/examples/anchors.yaml)."""
-    from cvpipe.config import AnchorTransferConfig, SemiSupervisedConfig
+    from cvpipe.experiments.config import AnchorTransferConfig, SemiSupervisedConfig
 
     raw = load_yaml(config)
     kind = raw.pop("experiment", "semi_supervised")
@@ -363,7 +363,7 @@ def run_anchor_transfer(config: Any) -> None:
 
 
 def train_config(config: str | None, **fields: Any) -> Any:
-    from cvpipe.config import TrainConfig
+    from cvpipe.learn.config import TrainConfig
 
     values = {k: v for k, v in fields.items() if v is not None}
     return (
@@ -469,8 +469,8 @@ def chop(
     device: str = typer.Option(None, "--device"),
 ) -> None:
     """Retrain above layer n for n = 0..L, copied layers frozen vs fine-tuned."""
+    from cvpipe.core.storage import read_bytes
     from cvpipe.models import load_info
-    from cvpipe.storage import read_bytes
     from flows.training import chop_flow
 
     cfg = train_config(config, arch=load_info(init).arch, epochs=epochs, lr=lr, device=device)
@@ -489,8 +489,8 @@ def demo(
     (flows/examples/anchors.yaml)."""
     from importlib.resources import files
 
-    from cvpipe.config import AnchorTransferConfig, SemiSupervisedConfig
-    from cvpipe.storage import join
+    from cvpipe.core.storage import join
+    from cvpipe.experiments.config import AnchorTransferConfig, SemiSupervisedConfig
 
     examples = files("flows") / "examples"
     config = load_yaml_config(

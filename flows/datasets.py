@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
-from cvpipe import datasets
+from cvpipe.data import datasets
 
 
 @flow(name="export-digits", flow_run_name="export digits -> {out}")

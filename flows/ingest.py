@@ -4,19 +4,26 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NONE
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from cvpipe import ingest as ingest_lib
-from cvpipe.config import IngestConfig
+from cvpipe.core import storage
+from cvpipe.data.config import IngestConfig
+from cvpipe.data.ingest import IngestStage, prepare_plan
 from tasks.artifacts import publish_table, summary_rows
-from tasks.ingest import ingest_shard, plan_ingest
-from tasks.units import run_units
+from tasks.stage import run_units
 
 
-def _describe(stats: ingest_lib.ShardStats) -> str:
-    state = "already committed" if stats.skipped else "committed"
-    return f"{stats.shard} {state}: {stats.written} written, {sum(stats.rejects.values())} rejected"
+@task(name="plan-ingest", cache_policy=NONE, retries=2, retry_delay_seconds=5)
+def plan_ingest(config: IngestConfig) -> tuple[str, int]:
+    """List the source once and publish the partition's plan (or reuse the committed one)."""
+    plan, count = prepare_plan(
+        config.source, config.root, config.partition, config.name, config.shard_size, config
+    )
+    # A killed earlier run may have left hidden temp files; nobody else writes here now.
+    storage.remove_stale_temps(storage.join(config.root, "shards", config.partition))
+    return plan, count
 
 
 @flow(
@@ -32,11 +39,11 @@ def ingest_flow(config: IngestConfig) -> dict[str, Any]:
     Returns the summary (shards, samples, written, rejects by reason).
     """
     logger = get_run_logger()
-    plan, count = plan_ingest(config)
+    _, count = plan_ingest(config)
     logger.info("ingest %s -> %s: %d shard(s) planned", config.source, config.root, count)
-    units = [{"config": config, "plan": plan, "index": i} for i in range(count)]
-    stats = run_units(ingest_shard, units, what=f"ingest {config.partition}", describe=_describe)
-    summary = ingest_lib.summarize(stats)
+    stage = IngestStage(config)
+    stats = run_units(stage, what=f"ingest {config.partition}")
+    summary = stage.summarize(stats)
     publish_table(
         summary_rows(summary),
         key=f"ingest-summary-{config.partition}",

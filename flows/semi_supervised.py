@@ -22,16 +22,17 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from cvpipe import inference, materialize, models, reports, shards, storage, tables
-from cvpipe.config import (
-    DigitsSplit,
-    InferConfig,
-    IngestConfig,
-    MaterializeConfig,
-    SelectConfig,
-    SemiSupervisedConfig,
-    TrainConfig,
-)
+from cvpipe import models
+from cvpipe.core import storage, tables
+from cvpipe.data import shards
+from cvpipe.data.config import IngestConfig
+from cvpipe.experiments import reports
+from cvpipe.experiments.config import DigitsSplit, SemiSupervisedConfig
+from cvpipe.infer import teacher as inference
+from cvpipe.infer.config import InferConfig
+from cvpipe.label import materialize
+from cvpipe.label.config import MaterializeConfig, SelectConfig
+from cvpipe.learn.config import TrainConfig
 from flows.datasets import export_digits_flow
 from flows.ingest import ingest_flow
 from flows.teacher import infer_flow, materialize_flow, select_flow

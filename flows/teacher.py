@@ -12,8 +12,11 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from cvpipe import inference, selection, storage
-from cvpipe.config import InferConfig, MaterializeConfig, SelectConfig
+from cvpipe.core import storage
+from cvpipe.infer import teacher as inference
+from cvpipe.infer.config import InferConfig
+from cvpipe.label import selection
+from cvpipe.label.config import MaterializeConfig, SelectConfig
 from tasks.artifacts import publish_markdown, publish_table, summary_rows
 from tasks.teacher import (
     infer_shards,

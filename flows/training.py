@@ -6,8 +6,9 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from cvpipe import storage, training
-from cvpipe.config import TrainConfig
+from cvpipe.core import storage
+from cvpipe.learn import training
+from cvpipe.learn.config import TrainConfig
 from tasks.artifacts import publish_table
 from tasks.training import evaluate, train
 

@@ -7,8 +7,8 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NONE
 
-from cvpipe import anchors, materialize
-from cvpipe.config import LabelConfig
+from cvpipe.label import anchors, materialize
+from cvpipe.label.config import LabelConfig
 
 RETRY = {"cache_policy": NONE, "retries": 2, "retry_delay_seconds": 5}
 

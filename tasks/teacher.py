@@ -7,8 +7,10 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NONE
 
-from cvpipe import inference, materialize, models, selection
-from cvpipe.config import InferConfig
+from cvpipe import models
+from cvpipe.infer import teacher as inference
+from cvpipe.infer.config import InferConfig
+from cvpipe.label import materialize, selection
 
 
 @task(

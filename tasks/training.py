@@ -5,8 +5,9 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NONE
 
-from cvpipe import models, training
-from cvpipe.config import TrainConfig
+from cvpipe import models
+from cvpipe.learn import training
+from cvpipe.learn.config import TrainConfig
 
 
 @task(

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from cvpipe import ingest, storage
-from cvpipe.config import IngestConfig
-from cvpipe.datasets import export_digits
+from cvpipe.core import storage
+from cvpipe.data import ingest
+from cvpipe.data.config import IngestConfig
+from cvpipe.data.datasets import export_digits
 
 # Keep Prefect quiet and local for every test process (set before prefect is imported).
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -22,9 +23,7 @@ def ingest_folder(source: str, root: str, partition: str, name: str, shard_size:
     cfg = IngestConfig(
         source=source, root=root, partition=partition, name=name, shard_size=shard_size
     )
-    plan, n = ingest.prepare_plan(source, root, partition, name, shard_size, cfg)
-    for i in range(n):
-        ingest.ingest_shard(root, partition, name, i, plan, cfg)
+    ingest.ingest_partition(cfg)
     return storage.list_committed(storage.join(root, "shards", partition), ".tar")
 
 

@@ -6,7 +6,9 @@ import pytest
 from conftest import ingest_folder
 from typer.testing import CliRunner
 
-from cvpipe import anchors, models, storage, tables
+from cvpipe import models
+from cvpipe.core import storage, tables
+from cvpipe.label import anchors
 
 
 @pytest.fixture

@@ -12,10 +12,12 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from cvpipe import anchors as an
-from cvpipe import models, reports, tables
-from cvpipe.shards import shard_id
-from cvpipe.storage import list_committed
+from cvpipe import models
+from cvpipe.core import tables
+from cvpipe.core.storage import list_committed
+from cvpipe.data.shards import shard_id
+from cvpipe.experiments import reports
+from cvpipe.label import anchors as an
 
 NAMES = ["animal", "food", "plant", "tool", "vehicle"]
 
@@ -553,7 +555,7 @@ def test_digits_end_to_end_with_a_fresh_reference_model(tmp_path, digits_shards)
     """Real penultimate features of the bundled digits (a fresh small_cnn): anchors =
     the labeled digits of each class, Nearest-1 on the test shards beats chance."""
     torch = pytest.importorskip("torch")
-    from cvpipe.loader import ShardDataset, collate
+    from cvpipe.data.loader import ShardDataset, collate
 
     torch.manual_seed(0)
     model = models.build("small_cnn", 10).eval()

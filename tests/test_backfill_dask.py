@@ -5,8 +5,8 @@ import shutil
 
 import pytest
 
-from cvpipe import storage
-from cvpipe.config import IngestConfig
+from cvpipe.core import storage
+from cvpipe.data.config import IngestConfig
 
 
 def test_backfill_over_a_half_done_range_finishes_it(prefect_harness, digits_dir, tmp_path):

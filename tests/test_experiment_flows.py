@@ -2,8 +2,10 @@
 
 import pytest
 
-from cvpipe import models, shards, storage, tables
-from cvpipe.config import AnchorTransferConfig, SemiSupervisedConfig
+from cvpipe import models
+from cvpipe.core import storage, tables
+from cvpipe.data import shards
+from cvpipe.experiments.config import AnchorTransferConfig, SemiSupervisedConfig
 
 TINY = {
     "arch": "small_cnn",
@@ -110,8 +112,8 @@ def test_anchor_transfer_flow_gives_both_tables(prefect_harness, tmp_path):
 def test_chop_cli_reports_every_depth_and_mode(prefect_harness, digits_shards, tmp_path):
     from typer.testing import CliRunner
 
-    from cvpipe import training
-    from cvpipe.config import TrainConfig
+    from cvpipe.learn import training
+    from cvpipe.learn.config import TrainConfig
     from flows.cli import app
 
     base = training.train(

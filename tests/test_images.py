@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from badinputs import jpeg, png
 
-from cvpipe import images
+from cvpipe.data import images
 
 
 def rgb(data: bytes) -> np.ndarray:

@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from cvpipe import models, tables
-from cvpipe.inference import (
+from cvpipe import models
+from cvpipe.core import tables
+from cvpipe.data.shards import read_shard_samples, shard_id, write_shard
+from cvpipe.infer.teacher import (
     Teacher,
     features_url,
     infer_shards,
@@ -17,7 +19,6 @@ from cvpipe.inference import (
     rejects_url,
     summarize,
 )
-from cvpipe.shards import read_shard_samples, shard_id, write_shard
 
 CLASSES = [str(i) for i in range(10)]
 
@@ -188,14 +189,14 @@ def _rotated_jpeg() -> bytes:
     ids=["rgb", "gray", "cmyk", "progressive", "exif-rotated"],
 )
 def test_which_jpegs_go_to_the_device_decoder(data: bytes, expected: bool) -> None:
-    from cvpipe.inference import _jpeg_for_gpu
+    from cvpipe.infer.teacher import _jpeg_for_gpu
 
     assert _jpeg_for_gpu(data, 10**8) is expected
 
 
 def test_jpeg_for_gpu_rejects_bad_images_like_ingest() -> None:
-    from cvpipe import images
-    from cvpipe.inference import _jpeg_for_gpu
+    from cvpipe.data import images
+    from cvpipe.infer.teacher import _jpeg_for_gpu
 
     data = _jpeg("RGB")
     with pytest.raises(images.RejectedImage) as e:
@@ -266,7 +267,7 @@ def test_cuda_path_matches_cpu(checkpoint: str, jpeg_shard: str, digits_shards, 
         pc = tables.read_parquet(predictions_url(str(tmp_path / "cpu"), shard_id(u))).to_pydict()
         pg = tables.read_parquet(predictions_url(str(tmp_path / "gpu"), shard_id(u))).to_pydict()
         assert pc["key"] == pg["key"]
-        agree += sum(a[0] == b[0] for a, b in zip(pc["classes"], pg["classes"]))
+        agree += sum(a[0] == b[0] for a, b in zip(pc["classes"], pg["classes"], strict=True))
         total += len(pc["key"])
         np.testing.assert_allclose(np.array(pc["scores"]), np.array(pg["scores"]), atol=0.05)
     assert agree >= 0.98 * total

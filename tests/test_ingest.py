@@ -12,7 +12,8 @@ from badinputs import jpeg, png
 from conftest import ingest_folder
 from PIL import Image
 
-from cvpipe import ingest, shards, storage, tables
+from cvpipe.core import storage, tables
+from cvpipe.data import ingest, shards
 
 
 def write(path, data: bytes):
@@ -159,18 +160,17 @@ def test_rerun_skips_committed_shards(bad_folder, tmp_path):
     root = str(tmp_path / "root")
     urls = ingest_folder(str(bad_folder), root, "d", "web", 4)
     before = {u: storage.url_to_fs(u)[0].modified(u) for u in urls}
-    from cvpipe.config import IngestConfig
+    from cvpipe.data.config import IngestConfig
 
     cfg = IngestConfig(source=str(bad_folder), root=root, partition="d", name="web", shard_size=4)
-    plan, n = ingest.prepare_plan(cfg.source, root, "d", "web", 4, cfg)
-    stats = [ingest.ingest_shard(root, "d", "web", i, plan, cfg) for i in range(n)]
+    stats = ingest.ingest_partition(cfg)
     assert all(s.skipped for s in stats)
     assert ingest.summarize(stats)["samples"] == 10
     assert {u: storage.url_to_fs(u)[0].modified(u) for u in urls} == before
 
 
 def test_digit_manifests_ingest_from_a_relative_root(digits_dir, tmp_path, monkeypatch):
-    from cvpipe import datasets
+    from cvpipe.data import datasets
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "rel").symlink_to(digits_dir)

@@ -11,8 +11,8 @@ import pytest
 from conftest import ingest_folder
 from typer.testing import CliRunner
 
-from cvpipe import storage
-from cvpipe.config import IngestConfig
+from cvpipe.core import storage
+from cvpipe.data.config import IngestConfig
 
 
 def mtimes(root):

@@ -9,10 +9,12 @@ from collections import Counter
 import pytest
 import torch
 
-from cvpipe import materialize, models, selection, tables
-from cvpipe.inference import Teacher, predictions_url
-from cvpipe.loader import ShardDataset
-from cvpipe.shards import Sample, iter_shard, read_shard_samples, shard_id
+from cvpipe import models
+from cvpipe.core import tables
+from cvpipe.data.loader import ShardDataset
+from cvpipe.data.shards import Sample, iter_shard, read_shard_samples, shard_id
+from cvpipe.infer.teacher import Teacher, predictions_url
+from cvpipe.label import materialize, selection
 
 CLASSES = [f"digit_{i}" for i in range(10)]
 

@@ -3,8 +3,10 @@
 import s3fs
 from conftest import ingest_folder
 
-from cvpipe import ingest, loader, shards, storage, tables
-from cvpipe.config import IngestConfig
+from cvpipe.core import storage, tables
+from cvpipe.core.stage import run_unit
+from cvpipe.data import ingest, loader, shards
+from cvpipe.data.config import IngestConfig
 
 
 def test_ingest_to_s3_and_read_back(digits_dir, s3_root):
@@ -29,13 +31,14 @@ def test_uncommitted_upload_is_invisible_and_rerun_completes_it(digits_dir, s3_r
     root = f"{s3_root}/corpus"
     source = str(digits_dir / "labeled")
     cfg = IngestConfig(source=source, root=root, partition="d", name="x", shard_size=100)
-    plan, n = ingest.prepare_plan(source, root, "d", "x", 100, cfg)
-    ingest.ingest_shard(root, "d", "x", 0, plan, cfg)
+    ingest.prepare_plan(source, root, "d", "x", 100, cfg)
+    stage = ingest.IngestStage(cfg)
+    run_unit(stage, stage.units()[0])
     # A writer killed after uploading shard 1 but before its commit marker:
     fs = s3fs.S3FileSystem()
     fs.pipe("cvpipe-test/corpus/shards/d/x-000001.tar", b"half a tar")
     assert storage.list_committed(f"{root}/shards/d", ".tar") == [f"{root}/shards/d/x-000000.tar"]
-    stats = [ingest.ingest_shard(root, "d", "x", i, plan, cfg) for i in range(n)]
+    stats = ingest.ingest_partition(cfg)
     assert [s.skipped for s in stats] == [True, False]
     assert sum(s.written for s in stats) == 179
     assert len(storage.list_committed(f"{root}/shards/d", ".tar")) == 2

@@ -9,7 +9,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from cvpipe import selection, tables
+from cvpipe.core import tables
+from cvpipe.label import selection
 
 
 def _write_predictions(url: str, keys, classes, scores, top_p: int, num_classes: int) -> None:

@@ -6,7 +6,8 @@ import os
 import webdataset as wds
 from badinputs import jpeg, pickle_trap, png, tar_bytes
 
-from cvpipe import shards, storage
+from cvpipe.core import storage
+from cvpipe.data import shards
 
 
 def read(tmp_path, members, name="p/bad-000000.tar"):

@@ -3,7 +3,7 @@ import os
 import fsspec
 import pytest
 
-from cvpipe import storage
+from cvpipe.core import storage
 
 
 def test_local_publish_is_a_rename_and_temp_files_are_hidden(tmp_path):

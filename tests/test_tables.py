@@ -1,8 +1,8 @@
 import pyarrow as pa
 import pytest
 
-from cvpipe import tables
-from cvpipe.config import IngestConfig
+from cvpipe.core import tables
+from cvpipe.data.config import IngestConfig
 
 
 def test_parquet_carries_lineage_and_schema(tmp_path):

@@ -3,7 +3,9 @@
 import pytest
 from typer.testing import CliRunner
 
-from cvpipe import models, shards, storage, tables
+from cvpipe import models
+from cvpipe.core import storage, tables
+from cvpipe.data import shards
 
 
 @pytest.fixture

@@ -11,10 +11,13 @@ import torch
 import yaml
 from pydantic import ValidationError
 
-from cvpipe import models, tables, training
-from cvpipe.config import SemiSupervisedConfig, TrainConfig
-from cvpipe.shards import read_shard_samples
-from cvpipe.storage import is_committed, read_bytes
+from cvpipe import models
+from cvpipe.core import tables
+from cvpipe.core.storage import is_committed, read_bytes
+from cvpipe.data.shards import read_shard_samples
+from cvpipe.experiments.config import SemiSupervisedConfig
+from cvpipe.learn import training
+from cvpipe.learn.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 

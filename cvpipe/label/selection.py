@@ -34,9 +34,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from cvpipe import tables
-from cvpipe.shards import shard_id, unit_url
-from cvpipe.storage import is_committed, join, open_atomic, url_to_fs
+from cvpipe.core import tables
+from cvpipe.core.storage import is_committed, join, open_atomic, url_to_fs
+from cvpipe.data.shards import shard_id, unit_url
 
 STAGE = "select"
 BATCH_ROWS = 65_536

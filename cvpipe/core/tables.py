@@ -1,7 +1,7 @@
 """The Arrow schema of every table cvpipe writes, defined once, and lineage.
 
 Every row carries the sample ``key`` and the ``shard`` it came from (``shard`` is the
-shard id: ``{partition}/{name}-{index:06d}``, see :func:`cvpipe.shards.shard_id`).
+shard id: ``{partition}/{name}-{index:06d}``, see :func:`cvpipe.data.shards.shard_id`).
 Every Parquet file carries the run's lineage in its key-value metadata under
 ``cvpipe.lineage``: config hash, code version, created_at and stage-specific fields
 such as the model id.
@@ -10,7 +10,6 @@ such as the model id.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import io
 import json
 import subprocess
@@ -22,7 +21,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cvpipe import __version__
-from cvpipe.storage import open_atomic, url_to_fs
+from cvpipe.core.config import identity_hash
+from cvpipe.core.storage import open_atomic, url_to_fs
 
 LINEAGE_KEY = b"cvpipe.lineage"
 
@@ -138,11 +138,9 @@ CHOP = pa.schema(
 
 
 def config_hash(config: Any) -> str:
-    """A stable short hash of a config (a pydantic model, a dict or any JSON value)."""
-    if hasattr(config, "model_dump"):
-        config = config.model_dump(mode="json")
-    blob = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    """A stable short hash of what in ``config`` changes outputs (see
+    :func:`cvpipe.core.config.identity`: runtime fields and defaults are left out)."""
+    return identity_hash(config)
 
 
 def _git_sha() -> str | None:

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from cvpipe import images
-from cvpipe.shards import Reject, Sample, iter_shard
+from cvpipe.data import images
+from cvpipe.data.shards import Reject, Sample, iter_shard
 
 UNKNOWN_LABEL = -1
 

@@ -4,7 +4,7 @@ One work unit = one input shard -> one output shard ``OUT/shards/<partition>/<st
 holding that shard's selected images, each replicated once per class it was selected
 for (key ``{key}_c{class}``), image bytes copied as they are. The sample json keeps the
 source metadata and adds the pseudo-label class name in ``label`` (what
-:class:`cvpipe.loader.ShardDataset` reads with ``classes=teacher classes``), the source
+:class:`cvpipe.data.loader.ShardDataset` reads with ``classes=teacher classes``), the source
 key, and a ``pseudo`` object: class index, score, rank, teacher (checkpoint hash),
 top_p, top_k. A unit whose tar is committed is skipped; a shard with nothing selected
 still gets an (empty) tar, so a rerun knows it is done.
@@ -20,10 +20,10 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from cvpipe import tables
+from cvpipe.core import tables
+from cvpipe.core.storage import is_committed, open_atomic, url_to_fs
+from cvpipe.data.shards import Sample, ShardWriter, encode_meta, iter_shard, shard_id, unit_url
 from cvpipe.models import load_info, model_id
-from cvpipe.shards import Sample, ShardWriter, encode_meta, iter_shard, shard_id, unit_url
-from cvpipe.storage import is_committed, open_atomic, url_to_fs
 
 STAGE = "materialize"
 

@@ -43,12 +43,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cvpipe import models, tables
-from cvpipe.config import TrainConfig
-from cvpipe.loader import UNKNOWN_LABEL, Batch, ShardDataset, make_loader
-from cvpipe.models import ARCHITECTURES, Classifier, ModelInfo, stage_modules
-from cvpipe.shards import Reject, iter_shard
-from cvpipe.storage import (
+from cvpipe import models
+from cvpipe.core import tables
+from cvpipe.core.storage import (
     COMMIT_SUFFIX,
     is_committed,
     join,
@@ -57,6 +54,10 @@ from cvpipe.storage import (
     url_to_fs,
     write_bytes_atomic,
 )
+from cvpipe.data.loader import UNKNOWN_LABEL, Batch, ShardDataset, make_loader
+from cvpipe.data.shards import Reject, iter_shard
+from cvpipe.learn.config import TrainConfig
+from cvpipe.models import ARCHITECTURES, Classifier, ModelInfo, stage_modules
 
 log = logging.getLogger(__name__)
 
@@ -356,7 +357,7 @@ def train_one_epoch(
     channels_last: bool = True,
     label_smoothing: float = 0.0,
 ) -> EpochStats:
-    """One pass over ``batches`` (any iterable of :class:`~cvpipe.loader.Batch`, from
+    """One pass over ``batches`` (any iterable of :class:`~cvpipe.data.loader.Batch`, from
     shards or from memory). Samples with an unknown label are skipped and counted."""
     set_train_mode(model, frozen)
     cuda = device.type == "cuda"
@@ -551,7 +552,7 @@ def train(
     # would hand back a model of another run.
     chash = tables.config_hash(
         {
-            "config": cfg.model_dump(mode="json"),
+            "config": cfg,
             "train": train_urls,
             "val": list(val_urls or ()),
             "init": init_checkpoint,

@@ -22,8 +22,8 @@ from typing import Any, BinaryIO
 
 from PIL import Image
 
-from cvpipe import images, tario
-from cvpipe.storage import join, open_atomic, url_to_fs
+from cvpipe.core.storage import join, open_atomic, url_to_fs
+from cvpipe.data import images, tario
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # in order of preference within a sample
 TEXT_EXTS = ("txt", "cls")

@@ -28,9 +28,12 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cvpipe import images, tables
-from cvpipe.shards import ShardWriter, encode_meta, shard_id, shard_url, unit_url
-from cvpipe.storage import is_committed, is_local, join, open_atomic, read_bytes, url_to_fs
+from cvpipe.core import tables
+from cvpipe.core.stage import Resources, Stage, Unit, run_stage
+from cvpipe.core.storage import is_committed, is_local, join, open_atomic, read_bytes, url_to_fs
+from cvpipe.data import images
+from cvpipe.data.config import IngestConfig
+from cvpipe.data.shards import ShardWriter, encode_meta, shard_id, shard_url, unit_url
 
 PLAN = pa.schema(
     [
@@ -278,14 +281,12 @@ def ingest_shard(
     config: Any = None,
     max_pixels: int = images.DEFAULT_MAX_PIXELS,
 ) -> ShardStats:
-    """Write shard ``index`` of a partition from its plan row group (one work unit)."""
+    """Write shard ``index`` of a partition from its plan row group (the work of one
+    :class:`IngestStage` unit; it overwrites, the stage skips committed shards)."""
     tar_url = shard_url(root, partition, name, index)
     sid = shard_id(tar_url)
     index_url = unit_url(root, "index", sid)
     rejects_url = unit_url(root, "rejects/ingest", sid)
-    if is_committed(tar_url):
-        return committed_stats(root, sid)
-
     stats = ShardStats(sid)
     index_rows: list[dict[str, Any]] = []
     reject_rows: list[dict[str, Any]] = []
@@ -372,3 +373,62 @@ def reject_summary(stats: Sequence[Any]) -> dict[str, Any]:
         "rejected": sum(by_reason.values()),
         "rejects_by_reason": dict(sorted(by_reason.items())),
     }
+
+
+# ------------------------------------------------------------------------- the stage
+
+
+class IngestStage(Stage[IngestConfig, ShardStats]):
+    """Ingest as a stage: unit ``i`` turns plan row group ``i`` into shard ``i`` of the
+    partition. The plan is published first (:func:`prepare_plan`, phase one of the
+    flow); the units are read from it."""
+
+    name = "ingest"
+    resources = Resources(cpus=1)
+
+    def plan(self) -> str:
+        c = self.config
+        return plan_url(c.root, c.partition, c.name)
+
+    def units(self) -> list[Unit]:
+        c, plan = self.config, self.plan()
+        return [
+            Unit(f"{c.partition}/{c.name}-{i:06d}", (plan,), index=i)
+            for i in range(plan_shard_count(plan))
+        ]
+
+    def _sid(self, unit: Unit) -> str:
+        c = self.config
+        return shard_id(shard_url(c.root, c.partition, c.name, unit.index))
+
+    def outputs(self, unit: Unit) -> list[str]:
+        c, sid = self.config, self._sid(unit)
+        return [
+            unit_url(c.root, "rejects/ingest", sid),
+            unit_url(c.root, "index", sid),
+            shard_url(c.root, c.partition, c.name, unit.index),
+        ]
+
+    def process(self, unit: Unit) -> ShardStats:
+        c = self.config
+        return ingest_shard(c.root, c.partition, c.name, unit.index, unit.inputs[0], c,
+                            c.max_pixels)  # fmt: skip
+
+    def read_back(self, unit: Unit) -> ShardStats:
+        return committed_stats(self.config.root, self._sid(unit))
+
+    def describe(self, stats: ShardStats) -> str:
+        state = "already committed" if stats.skipped else "committed"
+        rejected = sum(stats.rejects.values())
+        return f"{stats.shard} {state}: {stats.written} written, {rejected} rejected"
+
+    def summarize(self, stats: Sequence[ShardStats]) -> dict[str, Any]:
+        return summarize(list(stats))
+
+
+def ingest_partition(config: IngestConfig) -> list[ShardStats]:
+    """Ingest a whole partition in this process (no orchestrator): publish or reuse the
+    plan, then run every unit; committed shards are skipped."""
+    prepare_plan(config.source, config.root, config.partition, config.name,
+                 config.shard_size, config)  # fmt: skip
+    return run_stage(IngestStage(config))

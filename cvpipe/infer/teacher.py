@@ -32,12 +32,13 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from cvpipe import images, tables
-from cvpipe.ingest import reject_summary, shard_summary
-from cvpipe.loader import ShardDataset
+from cvpipe.core import tables
+from cvpipe.core.storage import is_committed, url_to_fs
+from cvpipe.data import images
+from cvpipe.data.ingest import reject_summary, shard_summary
+from cvpipe.data.loader import ShardDataset
+from cvpipe.data.shards import Reject, Sample, iter_shard, shard_id, unit_url
 from cvpipe.models import load_checkpoint, model_id, preprocess, resolve_device
-from cvpipe.shards import Reject, Sample, iter_shard, shard_id, unit_url
-from cvpipe.storage import is_committed, url_to_fs
 
 STAGE = "infer"
 _JPEG_EXTS = ("jpg", "jpeg")
@@ -243,8 +244,8 @@ class _Clock:
         m = self.marks
         if self.cuda:
             m[-1].synchronize()
-            return [a.elapsed_time(b) / 1e3 for a, b in zip(m, m[1:])]
-        return [b - a for a, b in zip(m, m[1:])]
+            return [a.elapsed_time(b) / 1e3 for a, b in zip(m, m[1:], strict=False)]
+        return [b - a for a, b in zip(m, m[1:], strict=False)]
 
 
 @dataclass
@@ -381,7 +382,7 @@ class Teacher:
         used when the host can read them, else rejected with the host decoder's reason,
         so both paths count the same images and the same rejects."""
         kept = []
-        for data, (sid, key, position) in zip(jpegs, meta):
+        for data, (sid, key, position) in zip(jpegs, meta, strict=True):
             try:
                 kept.append(self.transform(images.decode(data.numpy().tobytes(), self.max_pixels)))
             except images.RejectedImage as e:

@@ -74,8 +74,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cvpipe import tables
-from cvpipe.storage import expand_urls, is_committed, is_local, join, open_atomic, url_to_fs
+from cvpipe.core import tables
+from cvpipe.core.storage import expand_urls, is_committed, is_local, join, open_atomic, url_to_fs
 
 KINDS = ("mean", "normalized", "softmax")
 METRICS = ("cosine", "l2", "kl")

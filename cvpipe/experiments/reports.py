@@ -8,7 +8,7 @@
   (:func:`transfer_table`, :func:`write_transfer_report`).
 
 Inputs are small merged results (per-method label histograms from
-:func:`cvpipe.anchors.label_counts` merged with :func:`cvpipe.anchors.merge_counts`),
+:func:`cvpipe.label.anchors.label_counts` merged with :func:`cvpipe.label.anchors.merge_counts`),
 never per-image rows.
 """
 
@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from cvpipe import tables
-from cvpipe.storage import write_bytes_atomic
+from cvpipe.core import tables
+from cvpipe.core.storage import write_bytes_atomic
 
 
 def _fmt(v: Any, digits: int) -> str:

@@ -1,0 +1,71 @@
+"""Parameters of the labeling stages: top-K selection, materialize, anchors."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from cvpipe.core.config import Strict, runtime
+
+
+class SelectConfig(Strict):
+    """Top-K images per class among images whose top-P holds the class (Yalniz et al.)."""
+
+    predictions: str | list[str] = Field(
+        description="a folder or prefix of predictions Parquet, or a list of files"
+    )
+    out: str = Field(description="writes OUT/selection.parquet and OUT/selection_report.md")
+    top_p: int = Field(5, ge=1)
+    top_k: int = Field(16_000, ge=1)
+    fan_in: int = Field(16, ge=2, description="partials merged per reduce task")
+
+
+class MaterializeConfig(Strict):
+    """The selected images as new shards, one output shard per input shard."""
+
+    selection: str = Field(description="selection.parquet written by select")
+    shards: str | list[str] = Field(description="the shards the predictions were made on")
+    out: str = Field(description="writes OUT/shards/<partition>/<stem>.tar")
+    checkpoint: str | None = Field(None, description="teacher checkpoint, to check provenance")
+
+
+class AnchorsConfig(Strict):
+    """Named anchor datasets summarized in a reference model's feature space."""
+
+    sources: dict[str, str | list[str]] = Field(
+        description="anchor name -> its shards (URL, folder or prefix, brace pattern, list)",
+        min_length=1,
+    )
+    checkpoint: str = Field(description="the reference model")
+    out: str = Field(description="the anchors Parquet (anchor, count, vector) to write")
+    kind: Literal["mean", "normalized", "softmax"] = Field(
+        "mean",
+        description="mean feature, mean of per-image normalized non-negative features, or "
+        "mean softmax of the reference head (the last two are distributions, for KL)",
+    )
+    work: str | None = Field(None, description="features of the anchors; default OUT's folder")
+    batch_size: int = runtime(256, ge=1)
+    device: str = runtime("auto")
+    num_workers: int = runtime(2, ge=0)
+    cpu_threads: int | None = runtime(None, ge=1, description="torch threads on CPU")
+
+
+class LabelConfig(Strict):
+    """Anchor-distance pseudo-labels for every features file of an unlabeled set."""
+
+    features: str = Field(description="a folder or prefix of features Parquet")
+    anchors: str = Field(description="the anchors Parquet")
+    out: str = Field(description="writes OUT/<partition>/<stem>.parquet (anchor labels)")
+    method: Literal["nearest", "cfa", "uniform", "random", "vanilla"] = "nearest"
+    n: int = Field(1, ge=1, description="Nearest-N: how many closest anchors name the label")
+    metric: Literal["cosine", "l2", "kl"] = "cosine"
+    ordered: bool = Field(True, description="Nearest-N: keep the order of the anchors")
+    n_labels: int | None = Field(
+        None, ge=1, description="uniform/random: labels wanted (default: number of anchors)"
+    )
+    seed: int = 0
+    truth: str | None = Field(None, description="vanilla: the ingest root holding index/")
+    checkpoint: str | None = Field(None, description="softmax anchors: the reference model")
+    kl_direction: Literal["image_anchor", "anchor_image"] = "image_anchor"
+    eps: float = Field(1e-8, gt=0, description="KL: added to every probability before renorm")

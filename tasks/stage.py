@@ -1,0 +1,148 @@
+"""One Prefect task that runs a unit of any stage, and a bounded runner of many units.
+
+The task takes small, picklable arguments (the stage class, its config, the unit), so
+it runs the same on threads, a Dask cluster or Ray: each worker process builds the
+stage once (:func:`cvpipe.core.stage.cached_stage`) and reuses it, model included.
+Its name, tags, retries and timeout come from the stage's class attributes; errors a
+retry cannot fix (:class:`cvpipe.core.stage.PermanentError`, a config that does not
+validate) are not retried.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from prefect import Task, get_run_logger, task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.cache_policies import NONE
+from prefect.futures import PrefectFuture, as_completed
+from pydantic import BaseModel, ValidationError
+
+from cvpipe.core.stage import PermanentError, Stage, Unit, cached_stage, run_unit
+
+PROGRESS_EVERY_S = 3.0  # the UI's progress artifact moves at most this often
+
+
+def is_permanent(exc: BaseException | None) -> bool:
+    return isinstance(exc, (PermanentError, ValidationError))
+
+
+def _retry_condition(task: Task, task_run: Any, state: Any) -> bool:
+    """Prefect's retry_condition_fn: retry unless the failure is permanent."""
+    return not is_permanent(state.data if isinstance(state.data, BaseException) else None)
+
+
+def stage_tags(cls: type[Stage]) -> list[str]:
+    return [f"stage:{cls.name}"] + (["gpu"] if cls.resources.gpus > 0 else [])
+
+
+@task(cache_policy=NONE)
+def run_stage_unit(stage_cls: type[Stage], config: BaseModel, unit: Unit) -> Any:
+    """Run one unit of ``stage_cls`` configured by ``config`` (skipped if committed)."""
+    return run_unit(cached_stage(stage_cls, config), unit)
+
+
+def unit_task(stage_cls: type[Stage]) -> Task:
+    """The generic task dressed for one stage: its name, tags, retries and timeout."""
+    return run_stage_unit.with_options(
+        name=stage_cls.name,
+        task_run_name=f"{stage_cls.name} {{unit.name}}",
+        tags=stage_tags(stage_cls),
+        retries=stage_cls.retries,
+        retry_delay_seconds=stage_cls.retry_delay_s,
+        retry_condition_fn=_retry_condition,
+        timeout_seconds=stage_cls.timeout_s,
+    )
+
+
+class UnitsFailed(RuntimeError):
+    """Units of a stage failed after their retries; ``failures`` holds (unit, error)."""
+
+    def __init__(self, what: str, failures: list[tuple[str, BaseException]], total: int,
+                 stopped: int) -> None:  # fmt: skip
+        first_unit, first = failures[0]
+        more = f"; {stopped} unit(s) not started" if stopped else ""
+        super().__init__(
+            f"{what}: {len(failures)} of {total} unit(s) failed{more}; "
+            f"first: {first_unit}: {type(first).__name__}: {first}"
+        )
+        self.failures = failures
+
+
+def run_units(
+    stage: Stage | type[Stage],
+    units: Sequence[Unit] | None = None,
+    config: BaseModel | None = None,
+    *,
+    what: str | None = None,
+    max_in_flight: int = 64,
+    max_failures: int | None = None,
+    describe: Callable[[Any], str] | None = None,
+    progress_key: str | None = None,
+) -> list[Any]:
+    """Run units of a stage as task runs; results come back in unit order.
+
+    - At most ``max_in_flight`` units are submitted at a time (``Task.map`` submits all
+      at once, which strains the API past a few thousand task runs).
+    - Submission stops once more than ``max_failures`` units have failed (default: 10%
+      of the units, at least 1) or at the first permanent error, so a bad checkpoint
+      does not burn the whole partition; the units in flight finish first.
+    - A progress artifact in the UI moves at most every few seconds, and the log gets a
+      line per ~5% of the units.
+    """
+    if isinstance(stage, type):
+        if config is None:
+            raise TypeError("run_units(StageClass, ...) needs config")
+        stage_cls, stage_config = stage, config
+        units = list(units) if units is not None else list(stage_cls(config).units())
+    else:
+        stage_cls, stage_config = type(stage), stage.config
+        units = list(units) if units is not None else list(stage.units())
+    what = what or stage_cls.name
+    describe = describe or (stage.describe if isinstance(stage, Stage) else None)
+    logger = get_run_logger()
+    total = len(units)
+    if total == 0:
+        return []
+    max_failures = max(1, total // 10) if max_failures is None else max_failures
+    task_ = unit_task(stage_cls)
+    progress = create_progress_artifact(
+        progress=0.0, key=progress_key, description=f"{what}: 0/{total} units"
+    )
+    log_every = max(1, total // 20)
+    results: list[Any] = [None] * total
+    pending: dict[PrefectFuture, int] = {}
+    failures: list[tuple[str, BaseException]] = []
+    done, next_unit, last_update = 0, 0, time.monotonic()
+
+    def stop_submitting() -> bool:
+        return len(failures) > max_failures or any(is_permanent(e) for _, e in failures)
+
+    while (next_unit < total and not stop_submitting()) or pending:
+        while next_unit < total and len(pending) < max_in_flight and not stop_submitting():
+            unit = units[next_unit]
+            pending[task_.submit(stage_cls, stage_config, unit)] = next_unit
+            next_unit += 1
+        future = next(as_completed(list(pending)))
+        i = pending.pop(future)
+        try:
+            results[i] = future.result()
+        except Exception as e:  # collected; raised once the units in flight are done
+            failures.append((units[i].name, e))
+            logger.error("%s: unit %s failed: %s: %s", what, units[i].name, type(e).__name__, e)
+        done += 1
+        if done % log_every == 0 or done == total:
+            note = f" ({describe(results[i])})" if describe and results[i] is not None else ""
+            logger.info("%s: %d/%d units done%s", what, done, total, note)
+        now = time.monotonic()
+        if now - last_update >= PROGRESS_EVERY_S or done == total or not pending:
+            update_progress_artifact(
+                progress, progress=100.0 * done / total,
+                description=f"{what}: {done}/{total} units",
+            )  # fmt: skip
+            last_update = now
+    if failures:
+        raise UnitsFailed(what, failures, total, total - next_unit) from failures[0][1]
+    return results

@@ -57,16 +57,6 @@ PREDICTIONS = pa.schema(
 )
 
 
-def features_schema(dim: int) -> pa.Schema:
-    return pa.schema(
-        [
-            ("key", pa.string()),
-            ("shard", pa.string()),
-            ("embedding", pa.list_(pa.float32(), dim)),
-        ]
-    )
-
-
 SELECTION = pa.schema(
     [
         ("key", pa.string()),
@@ -309,5 +299,24 @@ SSL_RUNS = pa.schema(
         ("method", pa.string()),
         ("top1", pa.float64()),
         ("top5", pa.float64()),
+    ]
+)
+
+
+# Features (cvpipe/data/features.py): the keys of one features file, row i <-> row i of
+# the float32 matrix in the .npy beside it; dim, dtype and rows in the schema metadata.
+FEATURES = pa.schema(
+    [
+        ("key", pa.string()),
+        ("shard", pa.string()),
+    ]
+)
+
+# Uniform's counting pass (cvpipe/label/anchor_stages.py): images per Nearest-3 sequence
+# of one features file, merged into the rule (UNIFORM_RULE).
+SEQUENCE_COUNTS = pa.schema(
+    [
+        ("sequence", pa.string()),  # anchor names joined with ">", closest first
+        ("count", pa.int64()),
     ]
 )

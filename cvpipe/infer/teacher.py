@@ -35,6 +35,7 @@ from PIL import Image
 from cvpipe.core import tables
 from cvpipe.core.storage import is_committed, url_to_fs
 from cvpipe.data import images
+from cvpipe.data.features import write_features
 from cvpipe.data.ingest import reject_summary, shard_summary
 from cvpipe.data.loader import ShardDataset
 from cvpipe.data.shards import Reject, Sample, iter_shard, shard_id, unit_url
@@ -494,10 +495,7 @@ class Teacher:
                 if buf.keys
                 else np.empty((0, dim), np.float32)
             )
-            schema = tables.features_schema(dim)
-            emb_col = pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), dim)
-            table = pa.Table.from_arrays([key_col, shard_col, emb_col], schema=schema)
-            tables.write_parquet(table, features_url(out, sid), lineage)
+            write_features(features_url(out, sid), key_col, shard_col, emb, lineage)
         table = pa.Table.from_arrays(
             [
                 key_col,

@@ -89,6 +89,12 @@ def matrix_url(url: str) -> str:
 # ----------------------------------------------------------------------------- writing
 
 
+def keys_schema(dim: int, rows: int, matrix_name: str) -> pa.Schema:
+    """The keys Parquet's schema: tables.FEATURES with the matrix's description."""
+    meta = {"dim": dim, "dtype": DTYPE.str, "rows": rows, "matrix": matrix_name}
+    return tables.FEATURES.with_metadata({META_KEY: json.dumps(meta).encode()})
+
+
 def write_features(
     url: str,
     keys: pa.Array | Sequence[str],
@@ -114,8 +120,7 @@ def write_features(
     m_url = matrix_url(url)
     with open_atomic(m_url) as f:
         npy_format.write_array(f, matrix, allow_pickle=False)
-    meta = {"dim": dim, "dtype": DTYPE.str, "rows": n, "matrix": posixpath.basename(m_url)}
-    schema = tables.FEATURES.with_metadata({META_KEY: json.dumps(meta).encode()})
+    schema = keys_schema(dim, n, posixpath.basename(m_url))
     table = pa.Table.from_arrays([key_col.cast(pa.string()), shard_col.cast(pa.string())],
                                  schema=schema)  # fmt: skip
     tables.write_parquet(table, url, lineage)

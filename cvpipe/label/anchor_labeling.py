@@ -15,6 +15,7 @@ import json
 import posixpath
 from collections import Counter
 from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +42,9 @@ from cvpipe.label.anchor_labels import (
 )
 from cvpipe.label.anchor_space import load_head, read_anchors, to_space
 from cvpipe.label.distances import DEFAULT_EPS, METRICS, AnchorIndex
+
+# Columns of the labels table worth a dictionary (keys are unique: a dictionary only costs).
+LOW_CARDINALITY = ["shard", "method", "label", "anchors.list.element"]
 
 
 def labels_url(out_root: str, features_url: str) -> str:
@@ -250,14 +254,25 @@ class Labeler:
         )
         counts: Counter[str] = Counter()
         rows = 0
-        with open_atomic(out_url) as f, pq.ParquetWriter(f, schema, compression="zstd") as w:
+        with (
+            open_atomic(out_url) as f,
+            pq.ParquetWriter(f, schema, compression="zstd", use_dictionary=LOW_CARDINALITY) as w,
+            ThreadPoolExecutor(1, thread_name_prefix="cvpipe-labels-writer") as writer,
+        ):
+            # Batch i is encoded and written (pyarrow releases the GIL) while batch i+1
+            # is ranked: at most one batch waits for the writer.
+            written: Future | None = None
             for batch in iter_features(features_url, batch_rows, prefetch=prefetch):
                 lab = self._labels(batch, truth)
-                w.write_table(_batch_table(batch.keys, batch.shards, self.tag, lab,
-                                           self._names_arr))  # fmt: skip
+                table = _batch_table(batch.keys, batch.shards, self.tag, lab, self._names_arr)
+                if written is not None:
+                    written.result()
+                written = writer.submit(w.write_table, table)
                 sizes = np.bincount(lab.codes, minlength=len(lab.vocab)).tolist()
                 counts.update(dict(zip(lab.vocab, sizes, strict=True)))
                 rows += len(lab)
+            if written is not None:
+                written.result()
         return LabelStats(out_url, rows, counts=dict(sorted(counts.items())))
 
 

@@ -351,4 +351,3 @@ class LabelStage(AnchorStage[LabelConfig, LabelStats]):
         counts = merge_counts(s.counts for s in stats)
         return {"method": c.method, "metric": c.metric, "files": len(stats),
                 **label_stats(counts)}  # fmt: skip
-

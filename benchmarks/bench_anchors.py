@@ -159,23 +159,23 @@ def child_bound(args: argparse.Namespace) -> dict:
     info = features.features_info(args.features)
     rows, dim = info.rows, info.dim
     buf = memoryview(np.empty(16 << 20, np.uint8))
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     pf = pq.ParquetFile(args.features, pre_buffer=False)
     key_bytes = sum(b.nbytes for b in pf.iter_batches(batch_size=65_536, columns=["key", "shard"]))
     with open(info.matrix_url, "rb", buffering=0) as f:
         f.seek(info.data_offset)
         while f.readinto(buf):
             pass
-    read_s = time.perf_counter() - t0
+    read_s, read_cpu = time.perf_counter() - t0, time.process_time() - c0
     x = np.load(info.matrix_url)
     faiss.normalize_L2(x)
     a = mat.copy()
     faiss.normalize_L2(a)
     index = faiss.IndexFlatIP(dim)
     index.add(a)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     index.search(x, args.n)
-    faiss_s = time.perf_counter() - t0
+    faiss_s, faiss_cpu = time.perf_counter() - t0, time.process_time() - c0
     return {
         "rows": rows,
         "k": args.n,
@@ -184,6 +184,8 @@ def child_bound(args: argparse.Namespace) -> dict:
         "faiss_seconds": faiss_s,
         "faiss_images_per_s": rows / faiss_s,
         "seconds": read_s + faiss_s,
+        "cpu_seconds": read_cpu + faiss_cpu,
+        "faiss_cpu_seconds": faiss_cpu,
         "images_per_s": rows / (read_s + faiss_s),
         "peak_rss_mb": peak_rss_mb(),
     }
@@ -253,11 +255,15 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
+OMP_THREADS: int | None = None  # --omp-threads: FAISS's threads in every child
+
+
 def run_child(kind: str, **kw: object) -> dict:
     cmd = [sys.executable, __file__, "--child", kind]
     for k, v in kw.items():
         cmd += [f"--{k.replace('_', '-')}", str(v)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT)
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(OMP_THREADS)} if OMP_THREADS else {}))
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -278,6 +284,13 @@ def main() -> None:
     p.add_argument("--batch-rows", type=int, default=0, help="0: the library's default")
     p.add_argument("--prefetch", type=int, default=1, help="batches read ahead")
     p.add_argument("--rounds", type=int, default=3, help="interleaved repetitions")
+    p.add_argument(
+        "--omp-threads",
+        type=int,
+        default=None,
+        help="OMP_NUM_THREADS of every measurement (FAISS's threads; default: all cores). "
+        "1 keeps FAISS steady on a machine other jobs share",
+    )
     p.add_argument("--layouts", action="store_true", help="also time the candidate layouts")
     p.add_argument("--layout-rows", type=int, default=200_000)
     p.add_argument("--tmp", default="/tmp")
@@ -294,6 +307,8 @@ def main() -> None:
         print(json.dumps(fn[args.child](args)))
         return
 
+    global OMP_THREADS
+    OMP_THREADS = args.omp_threads
     big = args.rows or (200_000 if args.quick else 2_000_000)
     small = args.small_rows or max(1, big // 4)
     need = (big + small) * args.dim * 4 * 1.1 + 512 * 2**20
@@ -341,7 +356,8 @@ def main() -> None:
             print(
                 f"round {r + 1}: labeler {label['images_per_s']:,.0f} img/s, bound "
                 f"{bound['images_per_s']:,.0f} img/s (read {bound['read_gb_per_s']:.1f} GB/s, "
-                f"FAISS {bound['faiss_images_per_s']:,.0f} img/s)"
+                f"FAISS {bound['faiss_images_per_s']:,.0f} img/s); cpu s: labeler "
+                f"{label['cpu_seconds']:.2f}, bound {bound['cpu_seconds']:.2f}"
             )
         best = {
             k: min((rd[k] for rd in rounds), key=lambda m: m["seconds"])
@@ -371,6 +387,7 @@ def main() -> None:
             "metric": "cosine",
             "batch_rows": args.batch_rows or "default",
             "prefetch": args.prefetch,
+            "omp_threads": args.omp_threads or "default",
             "rounds": rounds,
             "best": best,
             "in_memory_faiss_images_per_s": faiss_ips,

@@ -80,6 +80,9 @@ def test_a_folder_reads_files_in_order_and_batches_never_span_files(tmp_path):
     assert all(len(set(b.shards.to_pylist())) == 1 for b in batches)
     keys, _, mat = read_all(str(root), batch_rows=4)
     assert keys == expect_keys and np.array_equal(mat, np.concatenate(expect))
+    keys, _, mat = read_all(str(root / "day1" / "img-{000002,000000}.parquet"))
+    assert keys == expect_keys[5:] + expect_keys[:5]  # a pattern or a list: in its order
+    assert np.array_equal(mat, np.concatenate([expect[2], expect[0]]))
     empty = str(root / "day1" / "img-000001.parquet")
     assert list(ft.iter_features(empty)) == [] and ft.read_matrix(empty).shape == (0, 3)
 

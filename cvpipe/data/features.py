@@ -182,8 +182,9 @@ def feature_dim(url: str) -> int:
 
 
 def features_urls(spec: str | Sequence[str]) -> list[str]:
-    """The committed features files of a spec (file, folder or prefix, brace pattern, or
-    a list of them), sorted: one work unit each for the stages that read features."""
+    """The committed features files of a spec: a file, a folder or prefix (sorted), a
+    brace pattern or a list of them (in their order, without duplicates). One work unit
+    each for the stages that read features."""
     return expand_specs(spec, KEYS_SUFFIX)
 
 
@@ -226,13 +227,12 @@ def iter_features(
     """Stream ``(keys, shards, matrix[n, D] float32)`` batches from features files.
 
     ``source`` is one features file (its keys Parquet URL), a folder or prefix, a brace
-    pattern or a list of them; files are read in sorted order, a batch never spans two
-    files. Each batch owns its matrix (writable, C-contiguous). Memory is bounded by
+    pattern or a list of them; files are read in :func:`features_urls` order, a batch
+    never spans two files. Each batch owns its matrix (writable, C-contiguous). Memory is bounded by
     ``prefetch + 2`` batches whatever the file sizes; ``prefetch`` batches are read
     ahead in a background thread.
     """
-    urls = [source] if isinstance(source, str) and source.endswith(KEYS_SUFFIX) else None
-    urls = urls or features_urls(source)
+    urls = features_urls(source)
 
     def batches() -> Iterator[FeatureBatch]:
         for url in urls:

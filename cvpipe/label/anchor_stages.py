@@ -92,8 +92,9 @@ class AnchorStage(Stage[C, S]):
             raise PermanentError(f"{self.name}: {e}") from e
 
 
-def _features_units(spec: str | Sequence[str], prefix: str = "") -> list[Unit]:
-    return [Unit(f"{prefix}{shard_id(u)}", (u,)) for u in features_urls(spec)]
+def _features_units(spec: str | Sequence[str]) -> list[Unit]:
+    """One unit per committed features file, named by its shard id."""
+    return [Unit(shard_id(u), (u,)) for u in features_urls(spec)]
 
 
 # ----------------------------------------------------------------------------- anchors

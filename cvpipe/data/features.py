@@ -157,7 +157,8 @@ def features_info(url: str) -> FeaturesInfo:
     """Rows, dimension and lineage of the features file ``url`` (the keys Parquet);
     checks that its matrix is there and agrees with it."""
     fs, path = url_to_fs(url)
-    schema = pq.read_schema(path, filesystem=fs)
+    pf = pq.ParquetFile(path, filesystem=fs)  # the footer only
+    schema, rows = pf.schema_arrow, pf.metadata.num_rows
     meta = schema.metadata or {}
     if META_KEY not in meta:
         legacy = " (an embedding column: written by an older cvpipe; rerun inference)"
@@ -170,7 +171,6 @@ def features_info(url: str) -> FeaturesInfo:
             shape, offset = _read_header(f, m_url)
     except FileNotFoundError:
         raise FileNotFoundError(f"{url}: its matrix {m_url} is missing") from None
-    rows = pq.ParquetFile(path, filesystem=fs).metadata.num_rows
     if shape[0] != rows:
         raise ValueError(f"{url}: {rows} keys but {shape[0]} vectors in {m_url}")
     lineage = json.loads(meta[tables.LINEAGE_KEY]) if tables.LINEAGE_KEY in meta else {}

@@ -6,7 +6,7 @@ batches; the main process runs the model and keeps, per shard, a buffer of resul
 that is published when the worker signals the end of that shard. Per input shard:
 
 - ``OUT/predictions/<partition>/<stem>.parquet`` (:data:`tables.PREDICTIONS`), the commit;
-- ``OUT/features/<partition>/<stem>.parquet`` (:func:`tables.features_schema`) when asked;
+- ``OUT/features/<partition>/<stem>.{npy,parquet}`` (:mod:`cvpipe.data.features`) when asked;
 - ``OUT/rejects/infer/<partition>/<stem>.parquet`` (:data:`tables.REJECTS`).
 
 A shard whose outputs are all committed is skipped (its stats are read back).

@@ -16,6 +16,9 @@ import typer
 from pydantic import ValidationError
 
 from cvpipe.data.images import DEFAULT_MAX_PIXELS
+from cvpipe.label.config import SelectConfig
+
+SELECT_FAN_IN = SelectConfig.model_fields["fan_in"].default  # one default, the config's
 
 app = typer.Typer(
     help="cvpipe: web-scale images in, labeled data and trained models out.",
@@ -199,7 +202,7 @@ def select(
     top_p: int = typer.Option(..., "--top-p", help="classes of each image's top-P considered"),
     top_k: int = typer.Option(..., "--top-k", help="images kept per class"),
     out: str = typer.Option(..., "--out", help="writes OUT/selection.parquet and a report"),
-    fan_in: int = typer.Option(16, "--fan-in", help="partials merged per reduce task"),
+    fan_in: int = typer.Option(SELECT_FAN_IN, "--fan-in", help="partials merged per reduce task"),
 ) -> None:
     """Top-K images per class among the images whose top-P holds the class."""
     from cvpipe.label.config import SelectConfig

@@ -311,3 +311,14 @@ SSL_RUNS = pa.schema(
         ("top5", pa.float64()),
     ]
 )
+
+# Samples of one shard and how many carry their true label (cvpipe/label/materialize.py
+# LabelCheckStage): one row per shard, summed by the flow into counts and precision.
+LABEL_CHECK = pa.schema(
+    [
+        ("shard", pa.string()),
+        ("samples", pa.int64()),
+        ("checked", pa.int64()),  # samples with a known true label
+        ("right", pa.int64()),  # ... whose label is that true label
+    ]
+)

@@ -19,11 +19,20 @@ from cvpipe.label import selection
 from cvpipe.label.config import MaterializeConfig, SelectConfig
 from cvpipe.label.materialize import MaterializeStage
 from cvpipe.label.selection import SelectFinalizeStage, SelectMergeStage, SelectPartialStage
-from tasks.artifacts import publish_markdown, publish_table, summary_rows
+from tasks.artifacts import publish_markdown, publish_table, short_spec, summary_rows
 from tasks.stage import run_units
 
 
-@flow(name="infer", flow_run_name="infer {config.shards}")
+def _infer_run_name() -> str:
+    """A short flow-run name: the first shard spec and how many more, then the output."""
+    from prefect.runtime import flow_run
+
+    config = flow_run.parameters["config"]
+    get = config.get if isinstance(config, dict) else lambda k: getattr(config, k)
+    return f"infer {short_spec(get('shards'))} -> {short_spec(get('out'))}"
+
+
+@flow(name="infer", flow_run_name=_infer_run_name)
 def infer_flow(config: InferConfig) -> dict[str, Any]:
     """Top-P predictions (and features) for every shard; committed shards are skipped."""
     stage = InferStage(config)
@@ -36,7 +45,10 @@ def infer_flow(config: InferConfig) -> dict[str, Any]:
     )
     stats = run_units(stage, units, what="infer", max_in_flight=config.parallel_units)
     summary = stage.summarize(stats)
-    publish_table(summary_rows(summary), "infer-summary", f"Teacher inference into `{config.out}`")
+    publish_table(
+        summary_rows(summary), "infer-summary", f"Teacher inference into `{config.out}`",
+        location=config.out,
+    )  # fmt: skip
     return summary
 
 
@@ -62,11 +74,12 @@ def select_flow(config: SelectConfig) -> dict[str, Any]:
         storage.read_bytes(selection.report_md_url(config.out)).decode(),
         "selection-report",
         f"Top-{config.top_k} per class (P={config.top_p}) into `{config.out}`",
+        location=config.out,
     )
     return report
 
 
-@flow(name="materialize", flow_run_name="materialize {config.selection}")
+@flow(name="materialize", flow_run_name="materialize -> {config.out}")
 def materialize_flow(config: MaterializeConfig) -> dict[str, Any]:
     """The selected images as shards, replicated once per selected class."""
     stage = MaterializeStage(config)
@@ -75,5 +88,8 @@ def materialize_flow(config: MaterializeConfig) -> dict[str, Any]:
         get_run_logger().warning(
             "%d selected sample(s) were not found in their shards", summary["missing"]
         )
-    publish_table(summary_rows(summary), "materialize-summary", f"Student shards in `{config.out}`")
+    publish_table(
+        summary_rows(summary), "materialize-summary", f"Student shards in `{config.out}`",
+        location=config.out,
+    )  # fmt: skip
     return summary

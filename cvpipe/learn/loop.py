@@ -14,51 +14,39 @@ supplies the model, the data, the loss and the metrics. :func:`train` is one run
 - stopped with a :class:`TrainingError` naming the epoch, step and value as soon as the
   loss is not finite, as torchvision's engine does.
 
-Layout under a training output ``out``::
-
-    out/checkpoints/epoch-001.pt  (+ .json sidecar)   weights after each epoch
-    out/checkpoints/state-001.pt                      optimizer, scheduler, RNG, metrics
-    out/metrics.parquet                               one row per epoch and split
-    out/rejects.parquet                               only when the shards held rejects
-    out/final.pt  (+ final.json)                      published last: the run's commit
-
-The state file holds only tensors and primitives and is read with
-``torch.load(weights_only=True)``; nothing here unpickles.
+The files of a run, and how an epoch is committed and resumed: :mod:`cvpipe.learn.resume`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import io
 import logging
 import math
-import random
-import re
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from cvpipe import models
 from cvpipe.core import tables
 from cvpipe.core.config import identity
-from cvpipe.core.storage import (
-    COMMIT_SUFFIX,
-    is_committed,
-    join,
-    list_committed,
-    read_bytes,
-    url_to_fs,
-    write_bytes_atomic,
-)
+from cvpipe.core.storage import is_committed, join
 from cvpipe.data.loader import make_loader
 from cvpipe.learn.config import TrainConfig
 from cvpipe.learn.errors import TrainingError
+from cvpipe.learn.resume import (
+    commit_epoch,
+    final_url,
+    last_epoch,
+    metrics_url,
+    prune,
+    resume,
+    seed_everything,
+)
 from cvpipe.learn.tasks.base import Meter, TaskBatch, TrainTask, apply_to_tensors
 from cvpipe.learn.transfer import freeze_stages, param_groups, set_train_mode
 
@@ -67,73 +55,6 @@ log = logging.getLogger(__name__)
 # On CUDA the loss is checked for finiteness every this many steps (a check syncs the
 # device); on CPU every step, before its backward pass.
 CUDA_CHECK_EVERY = 50
-
-
-# --------------------------------------------------------------------------- layout
-
-
-def final_url(out: str) -> str:
-    return join(out, "final.pt")
-
-
-def epoch_checkpoint_url(out: str, epoch: int) -> str:
-    return join(out, "checkpoints", f"epoch-{epoch:03d}.pt")
-
-
-def state_url(out: str, epoch: int) -> str:
-    return join(out, "checkpoints", f"state-{epoch:03d}.pt")
-
-
-def metrics_url(out: str) -> str:
-    return join(out, "metrics.parquet")
-
-
-def _epochs_on_disk(out: str) -> dict[int, set[str]]:
-    """epoch -> the kinds ('epoch', 'state') of its committed files."""
-    found: dict[int, set[str]] = {}
-    for url in list_committed(join(out, "checkpoints"), suffix=".pt"):
-        m = re.search(r"(epoch|state)-(\d+)\.pt$", url)
-        if m:
-            found.setdefault(int(m.group(2)), set()).add(m.group(1))
-    return found
-
-
-def last_epoch(out: str) -> int:
-    """The last epoch whose weights and state are both committed (0: none)."""
-    done = [e for e, kinds in _epochs_on_disk(out).items() if kinds == {"epoch", "state"}]
-    return max(done, default=0)
-
-
-# --------------------------------------------------------------------------- RNG state
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict[str, Any]:
-    """Every RNG training touches, as tensors and primitives (weights_only-loadable)."""
-    np_state = np.random.get_state()
-    state: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy(), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 # --------------------------------------------------------------------------- optimizer
@@ -292,16 +213,17 @@ def evaluate_epoch(
 # --------------------------------------------------------------------------- the run
 
 
-def run_hash(
+def run_identity(
     task: TrainTask,
     cfg: TrainConfig,
     train_urls: Sequence[str],
     val_urls: Sequence[str] = (),
     init_checkpoint: str | None = None,
-) -> str:
-    """What a run's outputs depend on: the config's identity, the data, the starting
-    checkpoint, and the task (left out for plain classification, so runs trained before
-    tasks existed keep their hash)."""
+) -> dict[str, Any]:
+    """What a run's outputs depend on: the config (its identity: runtime fields and
+    defaults drop out when hashed), the data, the starting checkpoint, and the task
+    (left out for plain classification, so runs trained before tasks existed keep
+    their hash)."""
     what: dict[str, Any] = {
         "config": cfg,
         "train": list(train_urls),
@@ -311,7 +233,17 @@ def run_hash(
     task_id = identity(task)
     if task.kind != "classification" or task_id:
         what["task"] = {**task_id, "kind": task.kind}
-    return tables.config_hash(what)
+    return what
+
+
+def run_hash(
+    task: TrainTask,
+    cfg: TrainConfig,
+    train_urls: Sequence[str],
+    val_urls: Sequence[str] = (),
+    init_checkpoint: str | None = None,
+) -> str:
+    return tables.config_hash(run_identity(task, cfg, train_urls, val_urls, init_checkpoint))
 
 
 def committed_run_hash(out: str) -> str | None:
@@ -393,17 +325,19 @@ def train(
     rows: list[dict[str, Any]] = []
     start_epoch = last_epoch(out)
     if start_epoch:
-        rows = _resume(out, start_epoch, chash, model, optimizer, scheduler)
+        rows = resume(out, start_epoch, chash, model, optimizer, scheduler)
         log.info("train: resuming %s after epoch %d", out, start_epoch)
 
     train_ds = task.dataset(cfg, train_urls, info, stage="train", train=True)
-    loader = make_loader(train_ds, cfg.batch_size, cfg.num_workers, pin_memory=cuda,
-                         collate_fn=task.collate)  # fmt: skip
+    loader = make_loader(
+        train_ds, cfg.batch_size, cfg.num_workers, pin_memory=cuda, collate_fn=task.collate
+    )
     val_loader = None
     if val_urls:
         val_ds = task.dataset(cfg, val_urls, info, stage="validate", train=False)
-        val_loader = make_loader(val_ds, cfg.batch_size, cfg.num_workers, pin_memory=cuda,
-                                 collate_fn=task.collate)  # fmt: skip
+        val_loader = make_loader(
+            val_ds, cfg.batch_size, cfg.num_workers, pin_memory=cuda, collate_fn=task.collate
+        )
 
     schema = tables.metrics_schema(task.metric_names)
     rejects: list[dict[str, str]] = []
@@ -412,21 +346,29 @@ def train(
             e = epoch + 1
             train_ds.set_epoch(epoch)
             meter = task.meter("train", info, device)
-            stats = train_one_epoch(model, optimizer, loader, task, meter, device, cfg,
-                                    frozen=frozen, epoch=e)  # fmt: skip
+            stats = train_one_epoch(
+                model, optimizer, loader, task, meter, device, cfg, frozen=frozen, epoch=e
+            )
             scheduler.step()
             rejects = stats.rejects
             rows.append(_metric_row(e, "train", stats))
             msg = f"epoch {e}/{cfg.epochs} {_fmt(stats)}"
             if val_loader is not None:
-                v = evaluate_epoch(model, val_loader, task, task.meter("val", info, device),
-                                   device, amp=cfg.amp, channels_last=cfg.channels_last)  # fmt: skip
+                v = evaluate_epoch(
+                    model,
+                    val_loader,
+                    task,
+                    task.meter("val", info, device),
+                    device,
+                    amp=cfg.amp,
+                    channels_last=cfg.channels_last,
+                )
                 rows.append(_metric_row(e, "val", v))
                 msg += f" | val {_fmt(v)}"
             log.info("train %s: %s (%.0f img/s)", out, msg, stats.images_per_s)
-            _commit_epoch(out, e, model, info, optimizer, scheduler, chash, rows, schema)
+            commit_epoch(out, e, model, info, optimizer, scheduler, chash, rows, schema)
             if cfg.keep_checkpoints is not None:
-                _prune(out, keep_from=e - cfg.keep_checkpoints + 1)
+                prune(out, keep_from=e - cfg.keep_checkpoints + 1)
 
     if not rows:
         raise TrainingError(f"{out}: no epoch was trained")
@@ -453,80 +395,6 @@ def _metric_row(epoch: int, split: str, stats: EpochStats) -> dict[str, Any]:
 
 def _fmt(stats: EpochStats) -> str:
     return " ".join([f"loss {stats.loss:.4f}", *(f"{k} {v:.4f}" for k, v in stats.metrics.items())])
-
-
-def _commit_epoch(
-    out: str,
-    epoch: int,
-    model: nn.Module,
-    info: models.ModelInfo,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    chash: str,
-    rows: list[dict[str, Any]],
-    schema: Any,
-) -> None:
-    # Weights first, then the state file: the state is the epoch's commit.
-    models.save_checkpoint(model, info, epoch_checkpoint_url(out, epoch))
-    buf = io.BytesIO()
-    torch.save(
-        {
-            "epoch": epoch,
-            "run_hash": chash,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": rng_state(),
-            "metrics": rows,
-        },
-        buf,
-    )
-    write_bytes_atomic(state_url(out, epoch), buf.getvalue())
-    tables.write_parquet(tables.from_rows(rows, schema), metrics_url(out), info.lineage)
-
-
-def _resume(
-    out: str,
-    epoch: int,
-    chash: str,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-) -> list[dict[str, Any]]:
-    """Restore a run after ``epoch``; returns the metric rows so far."""
-    url = state_url(out, epoch)
-    try:
-        state = torch.load(io.BytesIO(read_bytes(url)), map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for a damaged file
-        raise TrainingError(f"training state {url} is unreadable: {type(e).__name__}: {e}") from None
-    if state.get("run_hash") != chash:
-        raise TrainingError(
-            f"{out} holds epochs of another run (hash {state.get('run_hash')}, now "
-            f"{chash}): use a new output folder"
-        )
-    weights, _ = models.load_state(epoch_checkpoint_url(out, epoch))
-    model.load_state_dict(weights)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(state["rng"])
-    return list(state["metrics"])
-
-
-def _remove(url: str) -> None:
-    fs, path = url_to_fs(url)
-    for p in (path + COMMIT_SUFFIX, path):  # withdraw the commit before the data
-        if fs.exists(p):
-            fs.rm(p)
-
-
-def _prune(out: str, keep_from: int) -> None:
-    """Drop every epoch before ``keep_from`` (state first: an epoch without state is
-    never resumed from). Listing, not arithmetic, so epochs a crash left behind go too."""
-    for epoch in sorted(_epochs_on_disk(out)):
-        if epoch >= keep_from:
-            break
-        ckpt = epoch_checkpoint_url(out, epoch)
-        for url in (state_url(out, epoch), ckpt, models.sidecar_url(ckpt)):
-            _remove(url)
 
 
 def _dedup_rejects(rows: Iterable[dict[str, str]]) -> list[dict[str, str]]:

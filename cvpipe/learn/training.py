@@ -27,7 +27,7 @@ from cvpipe.data.loader import ShardDataset, make_loader
 from cvpipe.learn import loop
 from cvpipe.learn.config import TrainConfig
 from cvpipe.learn.errors import TrainingError
-from cvpipe.learn.loop import final_url, last_epoch, metrics_url, state_url
+from cvpipe.learn.resume import final_url, last_epoch, metrics_url, state_url
 from cvpipe.learn.tasks.base import TaskBatch
 from cvpipe.learn.tasks.classification import ClassificationTask, TopKMeter
 
@@ -96,8 +96,9 @@ def evaluate_model(
 ) -> EvalResult:
     """Top-1/top-5, mean loss and per-class accuracy of ``model`` over ``batches``."""
     meter = TopKMeter(len(classes), device)
-    stats = loop.evaluate_epoch(model, batches, CLASSIFICATION, meter, device, amp=amp,
-                                channels_last=channels_last)  # fmt: skip
+    stats = loop.evaluate_epoch(
+        model, batches, CLASSIFICATION, meter, device, amp=amp, channels_last=channels_last
+    )
     return EvalResult(
         checkpoint=checkpoint,
         n=stats.images,
@@ -111,20 +112,21 @@ def evaluate_model(
     )
 
 
-def _eval_urls(out: str, split: str) -> tuple[str, str]:
+def eval_urls(out: str, split: str) -> tuple[str, str]:
+    """The per-class table and the metrics row (the commit: written last) of a split."""
     return join(out, f"{split}_per_class.parquet"), join(out, f"{split}_metrics.parquet")
 
 
 def evaluated(checkpoint_url: str, urls: Sequence[str], out: str, split: str = "test") -> bool:
     """Whether ``out`` holds this split's committed scores of these weights on these
     shards (a rerun reads them back)."""
-    pc_url, m_url = _eval_urls(out, split)
+    pc_url, m_url = eval_urls(out, split)
     if not (is_committed(pc_url) and is_committed(m_url)):
         return False
     lin = tables.read_lineage(m_url)
-    return lin.get("model_id") == models.model_id(checkpoint_url) and lin.get(
-        "shard_urls"
-    ) == list(urls)
+    return lin.get("model_id") == models.model_id(checkpoint_url) and lin.get("shard_urls") == list(
+        urls
+    )
 
 
 def evaluate(
@@ -150,12 +152,17 @@ def evaluate(
     if dev.type == "cuda":
         model.to(memory_format=torch.channels_last)
     ds = ShardDataset(list(urls), models.preprocess(info), classes=info.classes, stage="evaluate")
-    loader = make_loader(ds, batch_size, num_workers, pin_memory=dev.type == "cuda",
-                         collate_fn=CLASSIFICATION.collate)  # fmt: skip
+    loader = make_loader(
+        ds,
+        batch_size,
+        num_workers,
+        pin_memory=dev.type == "cuda",
+        collate_fn=CLASSIFICATION.collate,
+    )
     result = evaluate_model(model, loader, dev, info.classes, checkpoint=checkpoint_url)
     if out is None:
         return result
-    pc_url, m_url = _eval_urls(out, split)
+    pc_url, m_url = eval_urls(out, split)
     lin = tables.lineage(
         None,
         stage="evaluate",
@@ -183,7 +190,7 @@ def evaluate(
 
 def read_eval(checkpoint_url: str, out: str, split: str = "test") -> EvalResult:
     """The committed scores of :func:`evaluate` under ``out``, without evaluating."""
-    pc_url, m_url = _eval_urls(out, split)
+    pc_url, m_url = eval_urls(out, split)
     m = tables.read_parquet(m_url).to_pylist()[0]
     lin = tables.read_lineage(m_url)
     pc = tables.read_parquet(pc_url).to_pylist()

@@ -49,7 +49,6 @@ def stages_of(arch: str) -> tuple[str, ...]:
     )
 
 
-
 __all__ = [
     "ARCHITECTURES",
     "CLASSIFIER_TASKS",

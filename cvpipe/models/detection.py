@@ -36,7 +36,9 @@ DETECTORS: dict[str, Detector] = {
 }
 
 
-def build_detector(arch: str, num_classes: int, min_size: int = 800, max_size: int = 1333) -> nn.Module:
+def build_detector(
+    arch: str, num_classes: int, min_size: int = 800, max_size: int = 1333
+) -> nn.Module:
     """A Faster R-CNN for ``num_classes`` object classes (plus the background), with
     random weights; images are resized inside the model to ``min_size`` (short side),
     capped at ``max_size``. The model carries its ``arch`` name for checkpoints."""

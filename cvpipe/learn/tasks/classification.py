@@ -215,8 +215,9 @@ class ClassificationTask(TrainTask):
         self, cfg: TrainConfig, urls: Sequence[str], info: ModelInfo, *, stage: str, train: bool
     ) -> ShardDataset:
         if not train:
-            return ShardDataset(list(urls), models.preprocess(info), classes=info.classes,
-                                stage=stage)  # fmt: skip
+            return ShardDataset(
+                list(urls), models.preprocess(info), classes=info.classes, stage=stage
+            )
         tf = build_transform(cfg.augmentation, info.input_size, info.mean, info.std, cfg.shift_px)
         return ShardDataset(
             list(urls),

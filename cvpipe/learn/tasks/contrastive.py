@@ -123,8 +123,10 @@ class ContrastiveTask(TrainTask):
             keep = src.task == self.kind and state["head.weight"].shape == own["head.weight"].shape
             take = {k: v for k, v in state.items() if k.startswith("backbone.") or keep}
             model.load_state_dict({**own, **take})
-            lineage = {"init_checkpoint": init_checkpoint,
-                       "init_model_id": models.model_id(init_checkpoint)}  # fmt: skip
+            lineage = {
+                "init_checkpoint": init_checkpoint,
+                "init_model_id": models.model_id(init_checkpoint),
+            }
         info = ModelInfo(
             arch=cfg.arch,
             classes=classes,
@@ -143,9 +145,14 @@ class ContrastiveTask(TrainTask):
             if train
             else models.preprocess(info)
         )
-        return ShardDataset(list(urls), tf, classes=info.classes, stage=stage,
-                            shuffle_buffer=cfg.shuffle_buffer if train else 0,
-                            seed=cfg.seed)  # fmt: skip
+        return ShardDataset(
+            list(urls),
+            tf,
+            classes=info.classes,
+            stage=stage,
+            shuffle_buffer=cfg.shuffle_buffer if train else 0,
+            seed=cfg.seed,
+        )
 
     def collate(self, items: list[dict[str, Any]]) -> TaskBatch:
         """Labeled samples, with the batch's pairs as targets (first, second, Y)."""

@@ -64,9 +64,7 @@ def detection_transform(train: bool, min_size: int, max_size: int, flip: bool = 
     return v2.Compose(ops)
 
 
-def parse_boxes(
-    boxes: Any, index: dict[str, int]
-) -> tuple[list[list[float]], list[int]]:
+def parse_boxes(boxes: Any, index: dict[str, int]) -> tuple[list[list[float]], list[int]]:
     """Boxes of a sample json with a label in ``index`` (name -> class label >= 1)."""
     coords, labels = [], []
     for b in boxes or []:
@@ -147,15 +145,17 @@ class DetectionTask(TrainTask):
     ) -> Built:
         if cfg.arch not in DETECTORS:
             raise TrainingError(f"{cfg.arch} is not a detector; choose from {sorted(DETECTORS)}")
-        classes = list(cfg.classes) if cfg.classes else discover_box_classes(train_urls,
-                                                                             self.boxes_field)  # fmt: skip
+        classes = (
+            list(cfg.classes) if cfg.classes else discover_box_classes(train_urls, self.boxes_field)
+        )
         torch.manual_seed(cfg.seed)
         model = build_detector(cfg.arch, len(classes), self.min_size, self.max_size)
         lineage: dict[str, Any] = {}
         if init_checkpoint is not None:
             lineage = self._init_from(model, classes, init_checkpoint)
-        info = ModelInfo(cfg.arch, classes, self.min_size, IMAGENET_MEAN, IMAGENET_STD,
-                         task=self.kind)  # fmt: skip
+        info = ModelInfo(
+            cfg.arch, classes, self.min_size, IMAGENET_MEAN, IMAGENET_STD, task=self.kind
+        )
         parts = Parts(detector_stage_modules(model), detector_head_modules(model))
         return Built(model, info, parts, lineage)
 
@@ -172,8 +172,11 @@ class DetectionTask(TrainTask):
         own = model.state_dict()
         take = {k: v for k, v in state.items() if same or "box_predictor" not in k}
         model.load_state_dict({**own, **take})
-        return {"init_checkpoint": url, "init_model_id": models.model_id(url),
-                "init_classes_match": same}  # fmt: skip
+        return {
+            "init_checkpoint": url,
+            "init_model_id": models.model_id(url),
+            "init_classes_match": same,
+        }
 
     def dataset(
         self, cfg: TrainConfig, urls: Sequence[str], info: ModelInfo, *, stage: str, train: bool

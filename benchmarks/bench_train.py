@@ -4,7 +4,8 @@ Both paths run in the same process on the same model and optimizer, epochs
 interleaved (shards, memory, shards, memory, ...) so that load from other processes hits
 both alike. The shard path is the real loop (cvpipe.learn.loop, classification task):
 ShardDataset (tar reading, safe decoding, the augmentation recipe, the shuffle buffer)
-through a DataLoader with the task's collate. The memory path replays batches that path produced, so only data loading differs.
+through a DataLoader with the task's collate. The memory path replays batches that
+path produced, so only data loading differs.
 
     python benchmarks/bench_train.py --quick                       # CPU, ResNet-18 at 64 px
     python benchmarks/bench_train.py --device cuda --arch resnet50 --input-size 224 \\

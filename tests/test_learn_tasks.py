@@ -21,7 +21,7 @@ from cvpipe.learn.tasks import ContrastiveTask, DetectionTask, MultiLabelTask
 from cvpipe.learn.tasks.contrastive import contrastive_loss, next_pairs
 from cvpipe.learn.tasks.detection import detection_transform
 from cvpipe.learn.tasks.multilabel import precision_at_k, soft_target_loss, soft_targets
-from tests.conftest import ingest_folder
+from conftest import ingest_folder
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -221,6 +221,7 @@ def canvas_shards(tmp_path_factory) -> list[str]:
     return ingest_folder(str(root / "manifest.jsonl"), str(root / "root"), "c", "canvas", 100)
 
 
+@pytest.mark.slow
 def test_detector_training_lowers_the_loss_and_saves_a_detector(canvas_shards, tmp_path):
     task = DetectionTask(min_size=64, max_size=96)
     cfg = TrainConfig(arch="fasterrcnn_mobilenet_v3_large_fpn", epochs=3, batch_size=2,

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ingest_folder
 from PIL import Image, ImageDraw
 
 from cvpipe import models
@@ -21,7 +22,6 @@ from cvpipe.learn.tasks import ContrastiveTask, DetectionTask, MultiLabelTask
 from cvpipe.learn.tasks.contrastive import contrastive_loss, next_pairs
 from cvpipe.learn.tasks.detection import detection_transform
 from cvpipe.learn.tasks.multilabel import precision_at_k, soft_target_loss, soft_targets
-from conftest import ingest_folder
 
 
 @pytest.fixture(autouse=True, scope="module")

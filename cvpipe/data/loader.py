@@ -56,6 +56,9 @@ class ShardDataset(IterableDataset):
       ``num_streams`` give the same order; memory does not depend on the corpus size.
     - ``classes`` maps the sample json's ``label`` string to an index; samples whose
       label is missing (or not in ``classes``) get ``UNKNOWN_LABEL``.
+    - ``sample_fn``, when given, makes each item from the decoded Sample instead (image
+      and targets together, e.g. boxes that must follow the image's transforms); the
+      item gets ``key`` and ``shard`` added, and ``transform`` is not used.
     """
 
     def __init__(
@@ -72,6 +75,7 @@ class ShardDataset(IterableDataset):
         max_pixels: int = images.DEFAULT_MAX_PIXELS,
         label_field: str = "label",
         num_streams: int = 1,
+        sample_fn: Callable[[Sample], dict[str, Any]] | None = None,
     ) -> None:
         super().__init__()
         if num_streams < 1:
@@ -87,6 +91,7 @@ class ShardDataset(IterableDataset):
         self.max_pixels = max_pixels
         self.label_field = label_field
         self.num_streams = num_streams
+        self.sample_fn = sample_fn
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -113,6 +118,8 @@ class ShardDataset(IterableDataset):
                 yield self._sample(item)
 
     def _sample(self, s: Sample) -> dict[str, Any]:
+        if self.sample_fn is not None:
+            return {**self.sample_fn(s), "key": s.key, "shard": s.shard}
         label = s.meta.get(self.label_field)
         index = self.class_index.get(str(label), UNKNOWN_LABEL) if label is not None else -1
         return {"image": self.transform(s.image), "label": index, "key": s.key, "shard": s.shard}

@@ -9,8 +9,10 @@ a DataLoader with workers still reports every reject to the main process, where
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -118,11 +120,27 @@ class ShardDataset(IterableDataset):
                 yield self._sample(item)
 
     def _sample(self, s: Sample) -> dict[str, Any]:
-        if self.sample_fn is not None:
-            return {**self.sample_fn(s), "key": s.key, "shard": s.shard}
+        with self._sample_rng(s.key):
+            if self.sample_fn is not None:
+                return {**self.sample_fn(s), "key": s.key, "shard": s.shard}
+            image = self.transform(s.image)
         label = s.meta.get(self.label_field)
         index = self.class_index.get(str(label), UNKNOWN_LABEL) if label is not None else -1
-        return {"image": self.transform(s.image), "label": index, "key": s.key, "shard": s.shard}
+        return {"image": image, "label": index, "key": s.key, "shard": s.shard}
+
+    @contextlib.contextmanager
+    def _sample_rng(self, key: str) -> Iterator[None]:
+        """Random augmentations of a sample drawn from its own seed (seed, epoch, key):
+        they then do not depend on the worker that made the sample or on what it made
+        before. The process's torch RNG is left as it was."""
+        state = torch.get_rng_state()
+        torch.manual_seed(
+            zlib.crc32(key.encode()) ^ ((self.seed * 1_000_003 + self.epoch) & 0xFFFFFFFF)
+        )
+        try:
+            yield
+        finally:
+            torch.set_rng_state(state)
 
     def stream(self, s: int) -> Iterator[dict[str, Any]]:
         """The items of stream ``s``: its shards in turn, through its shuffle buffer."""

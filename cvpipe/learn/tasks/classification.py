@@ -228,6 +228,7 @@ class ClassificationTask(TrainTask):
             stage=stage,
             shuffle_buffer=cfg.shuffle_buffer,
             seed=cfg.seed,
+            num_streams=cfg.num_streams if train else 1,
         )
 
     def collate(self, items: list[dict[str, Any]]) -> TaskBatch:

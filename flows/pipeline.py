@@ -38,7 +38,7 @@ from flows.datasets import export_digits_flow
 from flows.ingest import ingest_flow
 from flows.pipeline_config import STAGES, PipelineConfig
 from flows.teacher import infer_flow, materialize_flow, select_flow
-from tasks.artifacts import publish_markdown, short_spec
+from tasks.artifacts import publish_markdown
 from tasks.training import evaluate, train
 
 
@@ -233,12 +233,13 @@ def pipeline_flow(config: PipelineConfig, stages: list[str] | None = None) -> di
 
 
 def report_markdown(summary: dict[str, Any]) -> str:
-    rows = [
-        f"| {name} | {100 * s['top1']:.2f} | {100 * s['top5']:.2f} | `{short_spec(s['checkpoint'], 80)}` |"
-        for name, s in (("teacher (D only)", summary["teacher"]),
-                        ("student (D^ only)", summary["student"]),
-                        ("student fine-tuned on D", summary["finetuned"]))
-    ]  # fmt: skip
+    rows = []
+    for name, key in (("teacher (D only)", "teacher"), ("student (D^ only)", "student"),
+                      ("student fine-tuned on D", "finetuned")):  # fmt: skip
+        s = summary[key]
+        rows.append(
+            f"| {name} | {100 * s['top1']:.2f} | {100 * s['top5']:.2f} | `{s['checkpoint']}` |"
+        )
     return "\n".join(
         [
             f"# Pipeline: partition {summary['partition']}",

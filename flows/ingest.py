@@ -8,9 +8,10 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from cvpipe.core import storage
+from cvpipe.core import storage, tables
 from cvpipe.data.config import IngestConfig
 from cvpipe.data.ingest import IngestStage, prepare_plan
+from cvpipe.data.plan import skipped_url
 from tasks.artifacts import publish_table, summary_rows
 from tasks.stage import run_units
 
@@ -21,9 +22,18 @@ def plan_ingest(config: IngestConfig) -> tuple[str, int]:
     plan, count = prepare_plan(
         config.source, config.root, config.partition, config.name, config.shard_size, config
     )
-    # A killed earlier run may have left hidden temp files; nobody else writes here now.
-    storage.remove_stale_temps(storage.join(config.root, "shards", config.partition))
+    # A killed earlier run may have left hidden temp files or open S3 uploads; only those
+    # of writers that are gone (or, on S3, uploads older than a day) are removed.
+    shard_dir = storage.join(config.root, "shards", config.partition)
+    storage.remove_stale_temps(shard_dir)
+    storage.abort_stale_uploads(shard_dir)
     return plan, count
+
+
+def skipped_files(config: IngestConfig) -> int:
+    """Files the folder walk did not list (hidden, not an image suffix): see the table."""
+    url = skipped_url(config.root, config.partition, config.name)
+    return tables.num_rows(url) if storage.is_committed(url) else 0
 
 
 @flow(
@@ -36,14 +46,15 @@ def ingest_flow(config: IngestConfig) -> dict[str, Any]:
 
     One task run per shard; committed shards are skipped, so a rerun (or a run after a
     crash) finishes the partition with exactly the shards of an uninterrupted run.
-    Returns the summary (shards, samples, written, rejects by reason).
+    Returns the summary (shards, samples, written, rejects by reason, and the files the
+    folder walk skipped, listed with their reason in ``plans/{partition}/{name}.skipped.parquet``).
     """
     logger = get_run_logger()
     _, count = plan_ingest(config)
     logger.info("ingest %s -> %s: %d shard(s) planned", config.source, config.root, count)
     stage = IngestStage(config)
     stats = run_units(stage, what=f"ingest {config.partition}")
-    summary = stage.summarize(stats)
+    summary = {**stage.summarize(stats), "skipped_files": skipped_files(config)}
     publish_table(
         summary_rows(summary),
         key=f"ingest-summary-{config.partition}",

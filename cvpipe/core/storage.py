@@ -338,7 +338,7 @@ def _read_http(url: str, max_bytes: int | None, timeout: float) -> bytes:
             while True:
                 if time.monotonic() > deadline:
                     raise FetchTimeout(f"{url}: no complete answer within {timeout:g} s")
-                chunk = response.read(1 << 16)
+                chunk = response.read1(1 << 16)  # what has arrived: read() waits for all
                 if not chunk:
                     break
                 chunks.append(chunk)

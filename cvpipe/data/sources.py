@@ -221,7 +221,7 @@ def _read_jsonl(src: str, encoding: str, max_row_bytes: int) -> Iterator[dict[st
     fs, path = url_to_fs(src)
     name = path.rsplit("/", 1)[-1]
     base = _base(src)
-    seen_image = False
+    objects = with_image = 0
     with fs.open(path, "rb") as f:
         line_no = 0
         while True:
@@ -250,9 +250,10 @@ def _read_jsonl(src: str, encoding: str, max_row_bytes: int) -> Iterator[dict[st
                 kind = type(values).__name__
                 yield error_item(where, "bad_manifest_row", f"a JSON {kind}, not an object")
                 continue
-            seen_image = seen_image or "image" in values
+            objects += 1
+            with_image += "image" in values
             yield _manifest_item(values, where, base)
-    if not seen_image and line_no:
+    if objects and not with_image:  # a manifest of another kind, not a few bad rows
         raise ValueError(f"manifest {src} has no 'image' column (no row has an image field)")
 
 
@@ -297,7 +298,7 @@ def _read_csv(src: str, encoding: str, max_row_bytes: int) -> Iterator[dict[str,
                 yield error_item(where, "row_too_large", f"row over {max_row_bytes} bytes")
                 continue
             try:
-                fields = next(csv.reader([record]), [])
+                fields = next(csv.reader([record], strict=True), [])
             except csv.Error as e:
                 if header is None:
                     raise ValueError(f"manifest {src}: bad header: {e}") from None

@@ -64,7 +64,7 @@ def make_key(partition: str, source: str) -> str:
     key ends at the first dot of the member name cannot split it. A source that is not
     UTF-8 (surrogate escapes) is hashed by its real bytes."""
     stem = source.rsplit(".", 1)[0] if "." in source.rsplit("/", 1)[-1] else source
-    slug = re.sub(r"[^A-Za-z0-9_-]+", "_", stem).strip("_")[-48:] or "img"
+    slug = re.sub(r"[^A-Za-z0-9_-]+", "_", safe_text(stem)).strip("_")[-48:] or "img"
     raw = f"{partition}\0{source}".encode("utf-8", "surrogateescape")
     digest = hashlib.sha1(raw).hexdigest()[:12]
     return f"{slug}-{digest}"
@@ -141,8 +141,9 @@ def _json_field(value: Any, what: str) -> str | None:
 
 def plan_row(item: dict[str, Any], partition: str) -> dict[str, Any]:
     """One plan row from a source item (without ``duplicate``)."""
+    raw = item.get("source_raw")
     row = {
-        "key": make_key(partition, item["source"]),
+        "key": make_key(partition, item["source"] if raw is None else os.fsdecode(raw)),
         "image": item["image"],
         "source": safe_text(item["source"]),
         "image_raw": item.get("image_raw"),

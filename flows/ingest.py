@@ -11,6 +11,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from cvpipe.core import storage, tables
 from cvpipe.data.config import IngestConfig
 from cvpipe.data.ingest import IngestStage, prepare_plan
+from cvpipe.data.integrity import VerifyConfig, VerifyStage
 from cvpipe.data.plan import skipped_url
 from tasks.artifacts import publish_table, summary_rows
 from tasks.stage import run_units
@@ -60,4 +61,50 @@ def ingest_flow(config: IngestConfig) -> dict[str, Any]:
         key=f"ingest-summary-{config.partition}",
         description=f"Ingest of `{config.source}` into partition `{config.partition}`",
     )
+    return summary
+
+
+@flow(name="retry-rejects", flow_run_name="retry-rejects {partition}")
+def retry_rejects_flow(
+    root: str,
+    partition: str,
+    reasons: list[str] | None = None,
+    name: str | None = None,
+) -> dict[str, Any]:
+    """Re-ingest the retryable rejects of a finished partition (fetch timeouts, failed
+    fetches, transient read errors) into an additional round of shards; committed
+    shards are never rewritten. Returns the partition's accounting over all rounds."""
+    from cvpipe.data import retry
+
+    logger = get_run_logger()
+    config = retry.plan_retry(root, partition, reasons or retry.RETRYABLE_REASONS, name)
+    if config is None:
+        logger.info("retry-rejects %s: no retryable reject", partition)
+    else:
+        stage = IngestStage(config)
+        stats = run_units(stage, what=f"retry-rejects {partition} ({config.name})")
+        logger.info("retry-rejects %s: %s", partition, stage.summarize(stats))
+    summary = {
+        "round": config.name if config is not None else "",
+        **retry.partition_accounting(root, partition, name),
+    }
+    publish_table(
+        summary_rows(summary),
+        key=f"retry-rejects-{partition}",
+        description=f"Retry of the retryable rejects of `{root}` partition `{partition}`",
+    )
+    return summary
+
+
+@flow(name="verify-shards", flow_run_name="verify {config.shards}")
+def verify_flow(config: VerifyConfig) -> dict[str, Any]:
+    """Check every shard (readable, sample count = its index, checksum as ingested)
+    before an expensive stage; failed shards are quarantined and named in the summary,
+    the others are untouched."""
+    stage = VerifyStage(config)
+    stats = run_units(stage, what="verify", max_failures=len(stage.units()))
+    summary = stage.summarize(stats)
+    if summary["failed"]:
+        get_run_logger().warning("verify: %s", summary["failures"])
+    publish_table(summary_rows(summary), "verify-summary", f"Shard checks of `{config.shards}`")
     return summary

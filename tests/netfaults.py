@@ -52,20 +52,32 @@ class _Quiet(http.server.BaseHTTPRequestHandler):
 
 
 @contextlib.contextmanager
-def http_files(files: dict[str, bytes]) -> Iterator[str]:
+def http_files(
+    files: dict[str, bytes],
+    failing: set[str] | None = None,
+    delays: dict[str, float] | None = None,
+) -> Iterator[str]:
     """Serves ``files`` by path; ``/status/NNN`` answers HTTP NNN, ``/drop`` closes the
-    connection without an answer, ``/drip`` sends its body a byte every 0.3 s."""
+    connection without an answer, ``/drip`` sends its body a byte every 0.3 s. Paths in
+    ``failing`` answer 503 and paths in ``delays`` wait that long first; both may be
+    changed while serving (a server that recovers)."""
+    failing = set() if failing is None else failing
+    delays = {} if delays is None else delays
 
     class Handler(_Quiet):
         def do_GET(self) -> None:  # noqa: N802 (the http.server API)
-            if self.path.startswith("/status/"):
+            import time
+
+            if self.path in delays:
+                time.sleep(delays[self.path])
+            if self.path in failing:
+                self.send_error(503)
+            elif self.path.startswith("/status/"):
                 self.send_error(int(self.path.rsplit("/", 1)[1]))
             elif self.path == "/drop":
                 self.connection.shutdown(socket.SHUT_RDWR)
                 self.close_connection = True
             elif self.path == "/drip":
-                import time
-
                 self.send_response(200)
                 self.send_header("Content-Length", "1000")
                 self.end_headers()

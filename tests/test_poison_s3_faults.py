@@ -32,11 +32,10 @@ def _tree(root: str) -> dict[str, str]:
 def test_ingest_and_inference_through_a_faulty_proxy_match_a_clean_run(
     prefect_harness, digits_dir, s3_root, moto_endpoint, random_checkpoint, tmp_path, monkeypatch
 ):
-    from flows.ingest import ingest_flow
-    from flows.teacher import infer_flow
-
     from cvpipe.data.config import IngestConfig
     from cvpipe.infer.config import InferConfig
+    from flows.ingest import ingest_flow
+    from flows.teacher import infer_flow
 
     source = str(digits_dir / "labeled")
 

@@ -314,8 +314,11 @@ def _read_local(path: str, max_bytes: int | None) -> bytes:
             raise NotRegularFile(f"{path} is not a regular file (mode {stat.filemode(st.st_mode)})")
         if max_bytes is not None and st.st_size > max_bytes:
             raise _too_large(path, st.st_size, max_bytes)
-        data = f.read() if max_bytes is None else f.read(max_bytes + 1)
-    if max_bytes is not None and len(data) > max_bytes:  # grew while being read
+        # One byte over the size asks for the end of file; never a cap-sized buffer.
+        data = f.read(st.st_size + 1) if max_bytes is not None else f.read()
+        if max_bytes is not None and len(data) > st.st_size:  # grew while being read
+            data += f.read(max_bytes + 1 - len(data))
+    if max_bytes is not None and len(data) > max_bytes:
         raise _too_large(path, len(data), max_bytes)
     return data
 

@@ -16,8 +16,8 @@ allows them), the same caps. Pillow only opens the formats of :data:`OPEN_FORMAT
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
-import re
 import struct
 import warnings
 from dataclasses import dataclass
@@ -119,6 +119,7 @@ def _sniff(data: bytes) -> ImageHeader | None:
     return None
 
 
+@functools.cache
 def source_suffixes() -> tuple[str, ...]:
     """File name suffixes of :data:`OPEN_FORMATS` (what a folder walk takes as images)."""
     registered = Image.registered_extensions()
@@ -158,15 +159,29 @@ def _check_size(w: int, h: int, max_pixels: int) -> None:
         raise RejectedImage("too_many_pixels", f"{w}x{h} = {w * h} pixels > limit {max_pixels}")
 
 
-# In entropy-coded JPEG data 0xFF is followed by 0x00 (stuffing) or a restart marker
-# (0xD0-0xD7): any other byte after 0xFF (fill bytes aside) ends the scan.
-_JPEG_SCAN_END = re.compile(rb"\xff+[^\x00\xd0-\xd7\xff]")
 _JPEG_STANDALONE = {0x01, *range(0xD0, 0xD8)}
+
+
+def _scan_end(data: bytes, pos: int) -> int:
+    """Where the entropy-coded data starting at ``pos`` ends: the first 0xFF followed by
+    a marker (not 0x00 stuffing, a restart marker 0xD0-0xD7 or a fill byte); -1 if none."""
+    n = len(data)
+    while True:
+        j = data.find(b"\xff", pos)
+        if j < 0 or j + 1 >= n:
+            return -1
+        nxt = data[j + 1]
+        if nxt == 0 or 0xD0 <= nxt <= 0xD7 or nxt == 0xFF:
+            pos = j + 1
+            continue
+        return j
 
 
 def _jpeg_complete(data: bytes) -> str | None:
     """None when the JPEG's segments and scans run to an end-of-image marker (bytes
     after it are allowed: phones append their own data), else what is wrong."""
+    if data[-2:] == b"\xff\xd9":  # the usual case: nothing after the end marker
+        return None
     i, n = 2, len(data)
     while True:
         while i < n and data[i] == 0xFF and i + 1 < n and data[i + 1] == 0xFF:
@@ -189,10 +204,9 @@ def _jpeg_complete(data: bytes) -> str | None:
         if marker != 0xDA:  # not a scan: skip the segment
             i = end
             continue
-        m = _JPEG_SCAN_END.search(data, end)
-        if m is None:
+        i = _scan_end(data, end)
+        if i < 0:
             return "JPEG scan data has no end-of-image marker"
-        i = m.end() - 2
 
 
 def _png_complete(data: bytes) -> str | None:

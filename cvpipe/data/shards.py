@@ -45,6 +45,8 @@ MAX_JSON_DEPTH = 64  # metadata nests a few levels; 10^5 levels once ended in Re
 def safe_text(text: str) -> str:
     """``text`` as valid UTF-8: bytes that were not UTF-8 (surrogate escapes, from a file
     or member name) become ``\\xNN``."""
+    if text.isascii():
+        return text
     try:
         text.encode("utf-8")
         return text

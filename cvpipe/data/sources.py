@@ -86,8 +86,8 @@ def _walk_local(root: str, skipped: Skipped) -> Iterator[dict[str, Any]]:
     root = os.path.abspath(root)
     ancestors: list[tuple[int, int]] = []
 
-    def rel_of(path: str) -> str:
-        return os.path.relpath(path, root).replace(os.sep, "/")
+    def rel_of(path: str) -> str:  # paths are built by joining onto root
+        return path[len(root) + 1 :].replace(os.sep, "/") if path != root else "."
 
     def item(path: str, rel: str, error: tuple[str, str] | None = None) -> dict[str, Any]:
         parts = rel.split("/")
@@ -191,7 +191,7 @@ def _manifest_item(
     if not isinstance(image, str) or not image:
         kind = "missing" if image in (None, "") else f"a {type(image).__name__}"
         return error_item(where, "bad_manifest_row", f"image is {kind}, want a path or URL")
-    url = image if ("://" in image or os.path.isabs(image)) else join(base, image)
+    url = image if ("://" in image or image.startswith("/")) else join(base, image)
     out: dict[str, Any] = {"image": url, "source": image}
     for k in OPTIONAL_COLUMNS:
         v = values.get(k)
@@ -317,7 +317,8 @@ def _read_csv(src: str, encoding: str, max_row_bytes: int) -> Iterator[dict[str,
                     f"ragged row: {len(fields)} fields, the header has {len(header)}",
                 )  # fmt: skip
                 continue
-            if any(safe_text(v) != v for v in fields):
+            joined = "".join(fields)
+            if not joined.isascii() and safe_text(joined) != joined:
                 bad = next(h for h, v in zip(header, fields, strict=True) if safe_text(v) != v)
                 yield error_item(where, "bad_encoding", f"column {bad!r} is not {encoding}")
                 continue

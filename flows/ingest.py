@@ -17,7 +17,11 @@ from tasks.artifacts import publish_table, summary_rows
 from tasks.stage import run_units
 
 
-@task(name="plan-ingest", cache_policy=NONE, retries=2, retry_delay_seconds=5)
+# A listing on a hung mount must not hold the flow forever (a million rows plan in ~30 s).
+@task(
+    name="plan-ingest", cache_policy=NONE, retries=2, retry_delay_seconds=5,
+    timeout_seconds=4 * 3600,
+)  # fmt: skip
 def plan_ingest(config: IngestConfig) -> tuple[str, int]:
     """List the source once and publish the partition's plan (or reuse the committed one)."""
     plan, count = prepare_plan(

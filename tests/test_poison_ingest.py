@@ -397,3 +397,30 @@ def test_device_and_fifo_reads_are_refused_without_blocking(tmp_path):
         storage.read_bytes("/dev/zero", max_bytes=10)
     with pytest.raises(storage.FileTooLarge):
         storage.read_bytes(__file__, max_bytes=10)
+
+
+def test_an_object_store_folder_is_walked_like_a_local_one(tmp_path):
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    base = "/cvpipe-test-walk"
+    for path, data in {
+        "src/cat/a.jpg": jpeg(),
+        "src/cat/b.avif": encode(noise(), "AVIF"),
+        "src/cat/notes.txt": b"text",
+        "src/.hidden/c.png": png(),
+        "src/dog/d.png": png(),
+    }.items():
+        fs.pipe(f"{base}/{path}", data)
+    try:
+        r = run_ingest(f"memory://{base}/src", tmp_path)
+        local_src = tmp_path / "local"
+        for path in ("cat/a.jpg", "cat/b.avif", "cat/notes.txt", ".hidden/c.png", "dog/d.png"):
+            write(local_src / path, fs.cat(f"{base}/src/{path}"))
+        local = run_ingest(local_src, tmp_path / "l")
+    finally:
+        fs.rm(base, recursive=True)
+    assert set(r.samples) == set(local.samples) == {"cat/a.jpg", "cat/b.avif", "dog/d.png"}
+    assert r.skipped == local.skipped == {"cat/notes.txt": "not_an_image_suffix",
+                                          ".hidden": "hidden"}  # fmt: skip
+    assert [s.key for s in r.samples.values()] == [s.key for s in local.samples.values()]

@@ -10,6 +10,8 @@ from cvpipe.core.config import Strict
 from cvpipe.data.images import DEFAULT_MAX_PIXELS
 from cvpipe.data.shards import DEFAULT_MAX_MEMBER_BYTES
 
+DEFAULT_FETCH_TIMEOUT_S = 30.0
+
 
 class IngestConfig(Strict):
     """Ingest an image folder tree or a manifest into one partition of shards."""
@@ -24,7 +26,9 @@ class IngestConfig(Strict):
         DEFAULT_MAX_MEMBER_BYTES, ge=1, description="larger files are rejected (the reader's cap)"
     )
     fetch_timeout_s: float = Field(
-        30.0, gt=0, description="an http(s) image not fetched in this time is a fetch_timeout"
+        DEFAULT_FETCH_TIMEOUT_S,
+        gt=0,
+        description="an http(s) image not fetched in this time is a fetch_timeout",
     )
     verify: Literal["header", "decode"] = Field(
         "header", description="header: check structure only (fast); decode: decode every image"

@@ -21,6 +21,7 @@ network reads with a timeout), so no row can hang or exhaust a worker.
 from __future__ import annotations
 
 import hashlib
+import os
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from typing import Any, BinaryIO
 from cvpipe.core import storage, tables
 from cvpipe.core.stage import Resources, Stage, Unit, run_stage
 from cvpipe.data import images
-from cvpipe.data.config import IngestConfig
+from cvpipe.data.config import DEFAULT_FETCH_TIMEOUT_S, IngestConfig
 from cvpipe.data.plan import (  # noqa: F401  (the ingest API: plan helpers re-exported)
     PLAN,
     build_plan,
@@ -53,9 +54,6 @@ from cvpipe.data.shards import (
     unit_url,
 )
 from cvpipe.data.sources import MANIFEST_SUFFIXES, OPTIONAL_COLUMNS  # noqa: F401
-
-DEFAULT_FETCH_TIMEOUT_S = 30.0
-
 
 # ------------------------------------------------------------------------- one unit
 
@@ -111,26 +109,22 @@ def _check_boxes(boxes: list) -> list:
 
 def _read_image(row: dict[str, Any], max_bytes: int, timeout: float) -> bytes:
     """The image's bytes, bounded, or a RejectedImage that says why not."""
-    raw = row.get("image_raw")
-    where = row["image"] if raw is None else raw  # a local path that is not UTF-8
+    raw = row.get("image_raw")  # the real bytes of a local path that is not UTF-8
+    path = row["image"] if raw is None else os.fsdecode(raw)
     try:
-        if raw is not None:
-            import os
-
-            return storage.read_bytes(os.fsdecode(raw), max_bytes, timeout)
-        return storage.read_bytes(row["image"], max_bytes, timeout)
+        return storage.read_bytes(path, max_bytes, timeout)
     except FileNotFoundError:
         raise images.RejectedImage("missing_file", f"{row['image']} does not exist") from None
     except storage.NotRegularFile as e:
         raise images.RejectedImage("not_a_regular_file", str(e)) from None
+    except IsADirectoryError:
+        raise images.RejectedImage("not_a_regular_file", f"{row['image']} is a folder") from None
     except storage.FileTooLarge as e:
         raise images.RejectedImage("file_too_large", str(e)) from None
     except storage.FetchTimeout as e:
         raise images.RejectedImage("fetch_timeout", str(e)) from None
     except storage.FetchFailed as e:
         raise images.RejectedImage("fetch_failed", str(e)) from None
-    except IsADirectoryError:
-        raise images.RejectedImage("not_a_regular_file", f"{where!r} is a directory") from None
     except (OSError, ValueError) as e:  # permissions, I/O errors, a bad URL
         raise images.RejectedImage("unreadable_file", f"{type(e).__name__}: {e}") from None
 

@@ -120,23 +120,29 @@ def _walk_local(root: str, skipped: Skipped) -> Iterator[dict[str, Any]]:
             yield item(folder, rel_of(folder), ("unreadable_dir", f"{type(e).__name__}: {e}"))
             return
         ancestors.append(ident)
-        keyed = []
+        # Only names are kept (a folder of a million files is a list of a million names);
+        # a folder sorts as "name/", so the walk gives sorted(find(root)) order.
+        names = []
         for e in entries:
             try:
                 is_dir = e.is_dir()  # follows symlinks
             except OSError:
                 is_dir = False
-            keyed.append((e.name + "/" if is_dir else e.name, e, is_dir))
-        for _, e, is_dir in sorted(keyed, key=lambda t: t[0]):
-            rel = rel_of(e.path)
-            if e.name.startswith("."):
+            names.append(e.name + "/" if is_dir else e.name)
+        del entries
+        names.sort()
+        for entry in names:
+            name = entry.rstrip("/")
+            path = os.path.join(folder, name)
+            rel = rel_of(path)
+            if name.startswith("."):
                 skipped(safe_text(rel), "hidden", "dot-file or dot-folder")
-            elif is_dir:
-                yield from walk(e.path, depth + 1)
-            elif not e.name.lower().endswith(suffixes):
-                skipped(safe_text(rel), "not_an_image_suffix", _kind(e.path))
+            elif entry.endswith("/"):
+                yield from walk(path, depth + 1)
+            elif not name.lower().endswith(suffixes):
+                skipped(safe_text(rel), "not_an_image_suffix", _kind(path))
             else:
-                yield item(e.path, rel)  # FIFOs and devices are refused when read
+                yield item(path, rel)  # FIFOs and devices are refused when read
         ancestors.pop()
 
     yield from walk(root, 0)

@@ -111,7 +111,13 @@ def test_sigkill_midway_then_rerun_gives_the_uninterrupted_shards(digits_dir, tm
         "--name",
         "digits",
     ]
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}
+    # The command starts its own temporary Prefect API: on loaded shared cores that takes
+    # longer than Prefect's default 20 s startup timeout.
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(tmp_path / "prefect-home"),
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+    }
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     shard_dir = os.path.join(root, "shards", "d")
     deadline = time.time() + 120

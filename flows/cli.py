@@ -499,6 +499,13 @@ def demo(
         )
 
 
+from flows.retry_rejects import retry_rejects  # noqa: E402 (commands in modules of their own)
+from flows.verify import verify  # noqa: E402
+
+app.command("retry-rejects")(retry_rejects)
+app.command("verify")(verify)
+
+
 def main() -> None:
     from flows import local_api
 

@@ -111,5 +111,8 @@ def verify_flow(config: VerifyConfig) -> dict[str, Any]:
     summary = stage.summarize(stats)
     if summary["failed"]:
         get_run_logger().warning("verify: %s", summary["failures"])
-    publish_table(summary_rows(summary), "verify-summary", f"Shard checks of `{config.shards}`")
+    publish_table(
+        summary_rows(summary), "verify-summary", f"Shard checks of `{config.shards}`",
+        location=str(config.shards),
+    )  # fmt: skip
     return summary

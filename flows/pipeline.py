@@ -1,7 +1,7 @@
 """The mission as one DAG of dependent subflows, run per partition.
 
-    data -> ingest (D, test, the partition) -> teacher (trained on D) -> inference on the
-    partition -> top-K selection over every partition so far -> materialize D^ ->
+    data -> ingest (D, test, the partition) -> teacher (trained on D) -> shard checks and
+    inference on the partition -> top-K selection over every partition so far -> materialize D^ ->
     student pretrained on D^ -> fine-tuned on D -> evaluated on test
 
 Each stage is a subflow that reads the previous stages' committed outputs by URL and
@@ -30,12 +30,13 @@ from prefect import flow, get_run_logger
 
 from cvpipe.core import storage, tables
 from cvpipe.data.config import IngestConfig
+from cvpipe.data.integrity import VerifyConfig
 from cvpipe.infer.config import InferConfig
 from cvpipe.label import selection
 from cvpipe.label.config import MaterializeConfig, SelectConfig
 from cvpipe.learn.config import TrainConfig
 from flows.datasets import export_digits_flow
-from flows.ingest import ingest_flow
+from flows.ingest import ingest_flow, verify_flow
 from flows.pipeline_config import STAGES, PipelineConfig
 from flows.teacher import infer_flow, materialize_flow, select_flow
 from tasks.artifacts import publish_markdown
@@ -182,8 +183,11 @@ def pipeline_flow(config: PipelineConfig, stages: list[str] | None = None) -> di
         teacher = _committed_checkpoint(layout.teacher_dir, "teacher")
     summary["teacher"] = {"checkpoint": teacher, **_score(teacher, test, t.train)}
 
-    # Inference on this partition.
+    # Inference on this partition, after a check of its shards: a corrupt shard is
+    # quarantined (and named in the summary) before the GPU stage reads it.
     if on("infer"):
+        checks = verify_flow(VerifyConfig(shards=folders[p]))
+        summary["quarantined"] = checks["failures"]
         i = config.infer
         infer_flow(InferConfig(shards=folders[p], checkpoint=teacher, out=layout.infer_dir,
                                top_p=i.top_p, batch_size=i.batch_size, device=i.device,

@@ -59,7 +59,13 @@ def backfill_flow(
     return summaries
 
 
-@flow(name="daily-ingest")
+def _ingest_run_name() -> str:
+    from prefect.runtime import flow_run
+
+    return f"ingest {_run_partition(flow_run.parameters, flow_run.scheduled_start_time)}"
+
+
+@flow(name="daily-ingest", flow_run_name=_ingest_run_name)
 def daily_ingest_flow(
     source_pattern: str,
     root: str,
@@ -71,9 +77,7 @@ def daily_ingest_flow(
     scheduled time (so a late or retried run still ingests the day it was meant for)."""
     from prefect.runtime import flow_run
 
-    scheduled = flow_run.scheduled_start_time
-    today = scheduled.date() if scheduled else dt.datetime.now(dt.timezone.utc).date()
-    day = today - dt.timedelta(days=days_ago)
+    day = dt.date.fromisoformat(partition_of(flow_run.scheduled_start_time, days_ago))
     return backfill_flow(source_pattern, root, day, day, name=name, shard_size=shard_size)
 
 

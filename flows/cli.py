@@ -508,6 +508,29 @@ def storage_read_text(url: str) -> str:
 
 
 @app.command()
+def serve(
+    config: str = typer.Argument(..., help="pipeline YAML (see flows/examples/pipeline.yaml)"),
+    cron: str = typer.Option("30 2 * * *", "--cron", help="schedule (UTC)"),
+    days_ago: int = typer.Option(1, "--days-ago", help="partition = scheduled day minus this"),
+    root: str = typer.Option(None, "--root", help="override the config's output root"),
+    name: str = typer.Option("pipeline-daily", "--name", help="the deployment's name"),
+) -> None:
+    """Run the daily pipeline on a schedule from this process (flow.serve): no work pool
+    or worker needed. Uses PREFECT_API_URL's server, or the embedded API while it runs."""
+    import os
+
+    from flows import local_api
+    from flows.backfill import partition_pipeline_flow
+    from flows.pipeline_config import PipelineConfig
+
+    load_yaml_config(config, PipelineConfig, root=root)  # a bad config fails now, not at 02:30
+    params = {"config_url": os.path.abspath(config), "days_ago": days_ago,
+              **({"root": root} if root else {})}  # fmt: skip
+    with local_api.api():
+        partition_pipeline_flow.serve(name=name, cron=cron, parameters=params)
+
+
+@app.command()
 def demo(
     out: str = typer.Option("demo", "--out", help="output folder of the demo"),
     seeds: int = typer.Option(None, "--seeds", help="run only the first N seeds"),

@@ -168,7 +168,7 @@ def run_units(
             note = f" ({describe(results[i])})" if describe and results[i] is not None else ""
             logger.info("%s: %d/%d units done%s", what, done, total, note)
         now = time.monotonic()
-        if now - last_update >= PROGRESS_EVERY_S or done == total or not pending:
+        if now - last_update >= PROGRESS_EVERY_S or done == total:
             update_progress_artifact(
                 progress, progress=100.0 * done / total,
                 description=f"{what}: {done}/{total} units",

@@ -28,6 +28,7 @@ class IndexBuildConfig(Strict):
     )
     tune_queries: int = Field(256, ge=0, description="sample queries used to tune nprobe")
     batch_rows: int | None = runtime(None, ge=1, description="vectors read per batch")
+    threads: int | None = runtime(None, ge=1, description="FAISS threads (None: all cores)")
 
     @field_validator("memory")
     @classmethod
@@ -42,6 +43,7 @@ class IndexAddConfig(Strict):
     index: str = Field(description="the index folder written by build")
     embeddings: str | list[str] = Field(description="features Parquet of the new vectors")
     batch_rows: int | None = runtime(None, ge=1)
+    threads: int | None = runtime(None, ge=1, description="FAISS threads (None: all cores)")
 
 
 class QueryConfig(Strict):
@@ -53,6 +55,7 @@ class QueryConfig(Strict):
     k: int = Field(10, ge=1, description="neighbours per query (the query itself excluded)")
     nprobe: int | None = Field(None, ge=1, description="None: the index's tuned nprobe")
     batch_rows: int | None = runtime(None, ge=1)
+    threads: int | None = runtime(None, ge=1, description="FAISS threads (None: all cores)")
 
 
 class DedupConfig(Strict):
@@ -67,3 +70,4 @@ class DedupConfig(Strict):
     k: int = Field(10, ge=1, description="neighbours looked at per key")
     nprobe: int | None = Field(None, ge=1)
     batch_rows: int | None = runtime(None, ge=1)
+    threads: int | None = runtime(None, ge=1, description="FAISS threads (None: all cores)")

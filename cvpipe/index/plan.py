@@ -7,7 +7,9 @@ The choice follows autofaiss and the FAISS guidelines ("Guidelines to choose an 
 - ``ivf``: IVF-Flat (a coarse k-means quantizer, full vectors in the inverted lists) up
   to :data:`IVF_FLAT_MAX` vectors when the raw vectors fit;
 - ``ivfpq``: OPQ + IVF + PQ (a learned rotation, a coarse quantizer, then ``m`` bytes
-  per vector): the largest ``m`` whose codes fit the budget.
+  per vector): the largest ``m`` whose codes fit the budget. ``np``: no polysemous
+  training (index_factory's default for ``PQ``), which costs minutes and helps only
+  Hamming-threshold search, never used here.
 
 ``nlist`` is the power of two nearest to 8 x sqrt(N) (the guidelines give 4-16 x
 sqrt(N)), and the coarse quantizer is trained on a sample of :data:`POINTS_PER_CENTROID`
@@ -63,7 +65,7 @@ class IndexPlan:
             return "Flat"
         if self.kind == "ivf":
             return f"IVF{self.nlist},Flat"
-        return f"OPQ{self.m},IVF{self.nlist},PQ{self.m}x8"
+        return f"OPQ{self.m},IVF{self.nlist},PQ{self.m}x8np"
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "factory": self.factory}

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from cvpipe.core import tables
 from cvpipe.core.storage import expand_specs, open_atomic, write_bytes_atomic
-from cvpipe.index import source
+from cvpipe.index import engine, source
 from cvpipe.index.config import DedupConfig, QueryConfig
 from cvpipe.index.store import IndexFolderError, OpenIndex, open_index
 
@@ -92,6 +92,11 @@ def _check_model(opened: OpenIndex, urls: Sequence[str]) -> None:
 def query_embeddings(cfg: QueryConfig) -> dict[str, Any]:
     """Write ``cfg.out``: the ``k`` neighbours of every vector of ``cfg.embeddings``
     (tables.NEIGHBORS, one row per query, in the embeddings' order), streamed."""
+    with engine.faiss_threads(cfg.threads):
+        return _query(cfg)
+
+
+def _query(cfg: QueryConfig) -> dict[str, Any]:
     opened = open_index(cfg.index)
     urls = source.embedding_files(cfg.embeddings)
     _check_model(opened, urls)
@@ -131,6 +136,11 @@ def dedup(cfg: DedupConfig) -> dict[str, Any]:
     of near-duplicates the first added is kept and the others are marked. Vectors
     that are not in the index (``cfg.embeddings`` given) are marked against any
     indexed neighbour of another key."""
+    with engine.faiss_threads(cfg.threads):
+        return _dedup(cfg)
+
+
+def _dedup(cfg: DedupConfig) -> dict[str, Any]:
     opened = open_index(cfg.index)
     m = opened.manifest
     own_sources = cfg.embeddings is None

@@ -335,6 +335,11 @@ def _add_all(
 def build_index(cfg: IndexBuildConfig) -> IndexStats:
     """Build the index of ``cfg.embeddings`` in ``cfg.out`` (a committed build of the same
     config is read back; an index folder holding another build is an error)."""
+    with engine.faiss_threads(cfg.threads):
+        return _build(cfg)
+
+
+def _build(cfg: IndexBuildConfig) -> IndexStats:
     t0 = time.perf_counter()
     urls = source.embedding_files(cfg.embeddings)
     build_hash = identity_hash({"config": cfg, "sources": urls})
@@ -409,6 +414,11 @@ def build_index(cfg: IndexBuildConfig) -> IndexStats:
 def add_to_index(cfg: IndexAddConfig) -> IndexStats:
     """Append ``cfg.embeddings`` to the trained index in ``cfg.index`` as a new part
     (nothing is retrained). Embeddings already added (the same files) are a no-op."""
+    with engine.faiss_threads(cfg.threads):
+        return _add(cfg)
+
+
+def _add(cfg: IndexAddConfig) -> IndexStats:
     t0 = time.perf_counter()
     out = cfg.index
     m = read_manifest(out)

@@ -333,6 +333,7 @@ def metrics_schema(metric_names: tuple[str, ...] | list[str]) -> pa.Schema:
         + [("images_per_s", pa.float64())]
     )
 
+
 # The FAISS index of embeddings (cvpipe/index/).
 
 # The id map of one added part of an index: FAISS row id -> the sample it holds.

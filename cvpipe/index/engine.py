@@ -209,17 +209,26 @@ def tune_nprobe(
     k: int,
     metric: str,
     target: float,
+    own: np.ndarray | None = None,
 ) -> tuple[int, float]:
     """The smallest power-of-two ``nprobe`` whose recall@k on ``queries`` reaches
-    ``target`` (or the best seen if none does); leaves it set. Returns (nprobe, recall)."""
+    ``target`` (or the best seen if none does); leaves it set. Returns (nprobe, recall).
+
+    ``own``: the row id of each query when the queries are indexed vectors; a query
+    then counts neither itself in ``truth`` nor in what is found (finding oneself is
+    easy and would flatter the recall). ``truth`` then holds ``k + 1`` ids per query."""
     nlist = nlist_of(index)
     if not nlist:
         return 1, 1.0
+    if own is not None:
+        truth = _without(truth, own, k)
     best = (1, -1.0)
     nprobe = 1
     while True:
         set_nprobe(index, nprobe)
-        _, found = search(index, queries, k, metric)
+        _, found = search(index, queries, k + (own is not None), metric)
+        if own is not None:
+            found = _without(found, own, k)
         r = recall_at_k(found, truth, k)
         if r > best[1] + 1e-9:
             best = (nprobe, r)
@@ -228,6 +237,15 @@ def tune_nprobe(
         nprobe = min(nlist, nprobe * 2)
     set_nprobe(index, best[0])
     return best
+
+
+def _without(ids: np.ndarray, own: np.ndarray, k: int) -> np.ndarray:
+    """The first ``k`` ids of each row that are not the row's own id."""
+    out = np.full((len(ids), k), -1, np.int64)
+    for r, (row, o) in enumerate(zip(ids, own, strict=True)):
+        kept = row[row != o][:k]
+        out[r, : len(kept)] = kept
+    return out
 
 
 # ------------------------------------------------------------------------- files

@@ -360,6 +360,7 @@ def _build(cfg: IndexBuildConfig) -> IndexStats:
     rng = np.random.default_rng(cfg.seed)
     tuning = plan.kind != "flat" and cfg.tune_queries > 0
     queries = np.empty((0, dim), np.float32)
+    query_pos = np.empty(0, np.int64)
     if plan.train_size or tuning:
         train_pos = np.sort(rng.choice(n, plan.train_size, replace=False))
         query_pos = np.sort(rng.choice(n, min(n, cfg.tune_queries), replace=False))
@@ -373,7 +374,7 @@ def _build(cfg: IndexBuildConfig) -> IndexStats:
         if tuning:
             queries = rows[np.searchsorted(both, query_pos)]
         del rows
-    knn = engine.ExactKnn(queries, TUNE_K, plan.metric) if tuning else None
+    knn = engine.ExactKnn(queries, TUNE_K + 1, plan.metric) if tuning else None
     lineage = tables.lineage(
         cfg, stage="index-build", part=0, factory=plan.factory, model_id=model_id,
         sources=len(urls),
@@ -385,7 +386,7 @@ def _build(cfg: IndexBuildConfig) -> IndexStats:
     if knn is not None:
         _, truth = knn.result()
         nprobe, tuned = engine.tune_nprobe(
-            index, queries, truth, TUNE_K, plan.metric, cfg.target_recall
+            index, queries, truth, TUNE_K, plan.metric, cfg.target_recall, own=query_pos
         )
     manifest = Manifest(
         plan=plan.to_dict(),

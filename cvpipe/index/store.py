@@ -412,6 +412,15 @@ def _build(cfg: IndexBuildConfig) -> IndexStats:
     return _stats(cfg.out, manifest, added, time.perf_counter() - t0, skipped=False)
 
 
+def already_added(out: str, embeddings: str | list[str]) -> bool:
+    """True when the committed index in ``out`` holds a part of exactly these files."""
+    m = read_manifest(out)
+    if m is None:
+        return False
+    h = _sources_hash(source.embedding_files(embeddings))
+    return any(p.sources_hash == h for p in m.parts)
+
+
 def add_to_index(cfg: IndexAddConfig) -> IndexStats:
     """Append ``cfg.embeddings`` to the trained index in ``cfg.index`` as a new part
     (nothing is retrained). Embeddings already added (the same files) are a no-op."""

@@ -91,8 +91,9 @@ class _TableStage(Stage[Any, dict[str, Any]]):
 
     def read_back(self, unit: Unit) -> dict[str, Any]:
         lin = tables.read_lineage(self.config.out)
-        return {"out": self.config.out, "rows": tables.num_rows(self.config.out),
-                "skipped": True, **{k: lin.get(k) for k in ("k", "nprobe", "threshold")}}  # fmt: skip
+        kept = {k: lin.get(k) for k in ("k", "nprobe", "threshold")}
+        return {"out": self.config.out, "rows": tables.num_rows(self.config.out), **kept,
+                "skipped": True}  # fmt: skip
 
     def summarize(self, stats: list[dict[str, Any]]) -> dict[str, Any]:
         return dict(stats[0]) if stats else {}

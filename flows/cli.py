@@ -467,6 +467,12 @@ def demo(
         )
 
 
+# The index, dedup and siamese commands live in their own module.
+from flows.cli_index import register as _register_index  # noqa: E402
+
+_register_index(app)
+
+
 def main() -> None:
     from flows import local_api
 

@@ -111,4 +111,3 @@ class DedupStage(_TableStage):
 
     def process(self, unit: Unit) -> dict[str, Any]:
         return query.dedup(self.config)
-

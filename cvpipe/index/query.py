@@ -238,7 +238,7 @@ def embed_image(image_bytes: bytes, checkpoint: str) -> tuple[np.ndarray, str]:
     from cvpipe import models
     from cvpipe.data import images
 
-    model, info = models.load_checkpoint(checkpoint)
+    model, info = models.load_model(checkpoint)
     model.eval()
     x = models.preprocess(info)(images.decode(image_bytes))[None]
     with torch.inference_mode():

@@ -158,7 +158,7 @@ def siamese_run(
     root: str = typer.Option(None, "--root", help="override the config's output root"),
 ) -> None:
     """Train -> embed -> index -> evaluate: the recall/precision table and the PNG."""
-    from cvpipe.index.config import SiameseConfig
+    from cvpipe.experiments.siamese import SiameseConfig
     from flows.siamese import siamese_flow
 
     cli = _cli()

@@ -127,3 +127,26 @@ def test_index_commands(prefect_harness, digits_shards, tmp_path):
     assert bad.exit_code != 0 and "exactly one" in bad.output
     bad = runner.invoke(app, ["index", "build", feats, "--out", ix, "--kind", "hnsw"])
     assert bad.exit_code != 0 and "--kind" in bad.output
+
+
+def test_siamese_train_command(prefect_harness, digits_shards, tmp_path):
+    from flows.cli import app
+
+    cfg = tmp_path / "siamese.yaml"
+    cfg.write_text(
+        "dim: 8\npositive_fraction: 0.5\nhard_negatives: 0.5\n"
+        "train: {arch: small_cnn, input_size: 16, epochs: 2, batch_size: 32, cpu_threads: 1,"
+        " device: cpu}\n"
+    )
+    shards = digits_shards["labeled"][0].rsplit("/", 1)[0]
+    out = str(tmp_path / "run")
+    r = CliRunner().invoke(app, ["siamese", "train", shards, "--out", out, "--config", str(cfg),
+                                 "--margin", "0.5"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    info = models.load_info(os.path.join(out, "final.pt"))
+    assert info.task == "contrastive"
+    assert info.lineage["task"]["margin"] == 0.5 and info.lineage["task"]["hard_negatives"] == 0.5
+    assert info.lineage["train_config"]["epochs"] == 2
+    bad = CliRunner().invoke(app, ["siamese", "train", shards, "--out", out,
+                                   "--positive-fraction", "2"])  # fmt: skip
+    assert bad.exit_code != 0 and "--positive-fraction" in bad.output

@@ -141,6 +141,8 @@ def load_model(url: str, device: str | torch.device = "cpu") -> tuple[nn.Module,
     """A checkpoint that inference can run: a classifier (:func:`load_checkpoint`) or an
     embedding net (``task`` contrastive: its features are the embeddings). Anything else
     is a CheckpointError."""
+    if not is_committed(url):
+        raise CheckpointError(f"checkpoint {url} does not exist")
     info = load_info(url)
     if info.task in CLASSIFIER_TASKS:
         return load_checkpoint(url, device)

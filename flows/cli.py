@@ -564,6 +564,10 @@ from flows.verify import verify  # noqa: E402
 
 app.command("retry-rejects")(retry_rejects)
 app.command("verify")(verify)
+# The index, dedup and siamese commands live in their own module.
+from flows.cli_index import register as _register_index  # noqa: E402
+
+_register_index(app)
 
 
 def main() -> None:

@@ -366,3 +366,50 @@ SHARD_CHECKS = pa.schema(
         ("expected", pa.int64()),  # rows of its ingest index (-1 when it has none)
     ]
 )
+
+# The FAISS index of embeddings (cvpipe/index/).
+
+# The id map of one added part of an index: FAISS row id -> the sample it holds.
+INDEX_IDS = pa.schema(
+    [
+        ("id", pa.int64()),
+        ("key", pa.string()),
+        ("shard", pa.string()),
+        ("partition", pa.string()),
+    ]
+)
+
+# Nearest neighbours of every queried vector: nearest first, the query itself excluded.
+NEIGHBORS = pa.schema(
+    [
+        ("key", pa.string()),
+        ("neighbors", pa.list_(pa.string())),
+        ("distances", pa.list_(pa.float32())),
+    ]
+)
+
+# Near-duplicates: a key whose neighbour ``duplicate_of`` (added to the index before it)
+# lies closer than the threshold; selection and materialize can exclude these keys.
+DUPLICATES = pa.schema(
+    [
+        ("key", pa.string()),
+        ("shard", pa.string()),
+        ("duplicate_of", pa.string()),
+        ("distance", pa.float32()),
+    ]
+)
+
+# Retrieval evaluation: one row per (features, k, seed); recall of the approximate index
+# against exact search, and precision@k by label (neighbours that share the query's label).
+RETRIEVAL = pa.schema(
+    [
+        ("features", pa.string()),  # siamese | teacher | random
+        ("seed", pa.int64()),
+        ("k", pa.int32()),
+        ("queries", pa.int64()),
+        ("index_kind", pa.string()),
+        ("recall", pa.float64()),  # approximate vs exact k nearest (intersection)
+        ("precision", pa.float64()),  # share of the k neighbours with the query's label
+        ("exact_precision", pa.float64()),  # the same with exact search
+    ]
+)

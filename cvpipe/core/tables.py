@@ -311,3 +311,13 @@ SSL_RUNS = pa.schema(
         ("top5", pa.float64()),
     ]
 )
+
+
+# Training metrics of any task (cvpipe/learn/loop.py): one row per epoch and split, the
+# task's metrics between the loss and the throughput. Classification's is METRICS.
+def metrics_schema(metric_names: tuple[str, ...] | list[str]) -> pa.Schema:
+    return pa.schema(
+        [("epoch", pa.int32()), ("split", pa.string()), ("loss", pa.float64())]
+        + [(name, pa.float64()) for name in metric_names]
+        + [("images_per_s", pa.float64())]
+    )

@@ -49,6 +49,9 @@ class ShardDataset(IterableDataset):
       seeded by (``seed``, ``epoch``, worker): the same seed gives the same order.
     - ``classes`` maps the sample json's ``label`` string to an index; samples whose
       label is missing (or not in ``classes``) get ``UNKNOWN_LABEL``.
+    - ``sample_fn``, when given, makes each item from the decoded Sample instead (image
+      and targets together, e.g. boxes that must follow the image's transforms); the
+      item gets ``key`` and ``shard`` added, and ``transform`` is not used.
     """
 
     def __init__(
@@ -64,6 +67,7 @@ class ShardDataset(IterableDataset):
         world_size: int = 1,
         max_pixels: int = images.DEFAULT_MAX_PIXELS,
         label_field: str = "label",
+        sample_fn: Callable[[Sample], dict[str, Any]] | None = None,
     ) -> None:
         super().__init__()
         self.urls = list(urls)
@@ -76,6 +80,7 @@ class ShardDataset(IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.max_pixels = max_pixels
         self.label_field = label_field
+        self.sample_fn = sample_fn
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -98,6 +103,8 @@ class ShardDataset(IterableDataset):
                 yield self._sample(item)
 
     def _sample(self, s: Sample) -> dict[str, Any]:
+        if self.sample_fn is not None:
+            return {**self.sample_fn(s), "key": s.key, "shard": s.shard}
         label = s.meta.get(self.label_field)
         index = self.class_index.get(str(label), UNKNOWN_LABEL) if label is not None else -1
         return {"image": self.transform(s.image), "label": index, "key": s.key, "shard": s.shard}
@@ -144,9 +151,10 @@ def make_loader(
     num_workers: int = 0,
     pin_memory: bool = False,
     prefetch_factor: int | None = None,
+    collate_fn: Callable[[list[dict[str, Any]]], Any] = collate,
 ) -> torch.utils.data.DataLoader:
-    """A DataLoader over a :class:`ShardDataset` with cvpipe's collate. Workers are
-    capped at the shard count (a worker with no shard would idle)."""
+    """A DataLoader over a :class:`ShardDataset` with cvpipe's collate (or a training
+    task's). Workers are capped at the shard count (a worker with no shard would idle)."""
     num_workers = max(0, min(num_workers, len(dataset.urls)))
     kwargs: dict[str, Any] = {}
     if num_workers > 0:
@@ -156,7 +164,7 @@ def make_loader(
         dataset,
         batch_size=batch_size,
         num_workers=num_workers,
-        collate_fn=collate,
+        collate_fn=collate_fn,
         pin_memory=pin_memory,
         **kwargs,
     )

@@ -18,11 +18,14 @@ from cvpipe.models.checkpoints import (
     sidecar_url,
 )
 from cvpipe.models.detection import (
+    DETECTION_BUILD_OPTIONS,
     DETECTORS,
     Detector,
     build_detector,
     detector_head_modules,
     detector_stage_modules,
+    load_detector,
+    transfer_backbone,
 )
 from cvpipe.models.device import cpu_threads, resolve_device
 from cvpipe.models.nets import (
@@ -52,6 +55,7 @@ def stages_of(arch: str) -> tuple[str, ...]:
 __all__ = [
     "ARCHITECTURES",
     "CLASSIFIER_TASKS",
+    "DETECTION_BUILD_OPTIONS",
     "DETECTORS",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -69,6 +73,7 @@ __all__ = [
     "detector_head_modules",
     "detector_stage_modules",
     "load_checkpoint",
+    "load_detector",
     "load_info",
     "load_state",
     "model_id",
@@ -78,4 +83,5 @@ __all__ = [
     "sidecar_url",
     "stage_modules",
     "stages_of",
+    "transfer_backbone",
 ]

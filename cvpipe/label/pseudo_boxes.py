@@ -71,7 +71,9 @@ def thresholds_by_label(
     unknown = sorted(set(per_class) - set(classes))
     if unknown:
         raise PermanentError(f"class_thresholds names unknown classes {unknown}")
-    return torch.tensor([default] + [per_class.get(c, default) for c in classes])
+    return torch.tensor(
+        [default] + [per_class.get(c, default) for c in classes], dtype=torch.float64
+    )
 
 
 @dataclass

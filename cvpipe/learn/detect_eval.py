@@ -26,9 +26,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from pydantic import Field
 
 from cvpipe import models
 from cvpipe.core import tables
+from cvpipe.core.config import Strict, runtime
+from cvpipe.core.stage import Resources, Stage, Unit
 from cvpipe.core.storage import is_committed, join, write_bytes_atomic
 from cvpipe.data.boxes import to_arrays
 from cvpipe.data.loader import ShardDataset, make_loader
@@ -318,3 +321,51 @@ def draw_detections(
     buf = io.BytesIO()
     Image.fromarray(grid.permute(1, 2, 0).numpy()).save(buf, format="PNG")
     return buf.getvalue()
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+class DetectEvalJob(Strict):
+    """A detection checkpoint to score on labeled shards: the unit of a
+    :class:`DetectEvalStage`."""
+
+    checkpoint: str
+    shards: list[str] = Field(min_length=1)
+    out: str = Field(description="writes {out}/{split}_map.parquet, _per_class.parquet, _boxes.png")
+    split: str = "test"
+    batch_size: int = runtime(8, ge=1)
+    device: str = runtime("auto", description="auto | cpu | cuda | cuda:N")
+    num_workers: int = runtime(0, ge=0)
+    cpu_threads: int | None = runtime(None, ge=1)
+
+
+class DetectEvalStage(Stage[DetectEvalJob, DetectEvalResult]):
+    name = "evaluate-detector"
+    resources = Resources(cpus=1, gpus=1)
+    retries = 1
+
+    def units(self) -> list[Unit]:
+        j = self.config
+        return [Unit(f"{j.split} {j.checkpoint}", (j.checkpoint, *j.shards))]
+
+    def outputs(self, unit: Unit) -> list[str]:
+        u = eval_urls(self.config.out, self.config.split)
+        return [u["per_class"], u["metrics"]]
+
+    def committed(self, unit: Unit) -> bool:
+        j = self.config
+        return evaluated(j.checkpoint, j.shards, j.out, j.split)
+
+    def process(self, unit: Unit) -> DetectEvalResult:
+        j = self.config
+        with models.cpu_threads(j.cpu_threads):
+            return evaluate_detector(j.checkpoint, j.shards, j.out, split=j.split,
+                                     batch_size=j.batch_size, device=j.device,
+                                     num_workers=j.num_workers)  # fmt: skip
+
+    def read_back(self, unit: Unit) -> DetectEvalResult:
+        return read_eval(self.config.checkpoint, self.config.out, self.config.split)
+
+    def describe(self, stats: DetectEvalResult) -> str:
+        return f"{stats.checkpoint}: mAP {stats.map:.4f}, mAP@.5 {stats.map_50:.4f}"

@@ -467,6 +467,12 @@ def demo(
         )
 
 
+# Detection commands live in their own module.
+from flows import cli_detect  # noqa: E402
+
+cli_detect.register(app, datasets_app)
+
+
 def main() -> None:
     from flows import local_api
 

@@ -45,6 +45,7 @@ def build_detector(
     *,
     anchor_sizes: Sequence[int] | None = None,
     box_head_dim: int | None = None,
+    returned_layers: Sequence[int] | None = None,
     **options: Any,
 ) -> nn.Module:
     """A Faster R-CNN for ``num_classes`` object classes (plus the background), with
@@ -56,22 +57,30 @@ def build_detector(
     level (aspect ratios 0.5, 1, 2), ``box_head_dim`` the width of the ROI box head
     (1024), and ``options`` are FasterRCNN's own keywords (``rpn_pre_nms_top_n_train``,
     ``rpn_post_nms_top_n_test``, ``box_batch_size_per_image``, ``box_score_thresh``,
-    ``box_nms_thresh``, ``box_detections_per_img``...)."""
+    ``box_nms_thresh``, ``box_detections_per_img``...).
+
+    ``returned_layers`` picks the backbone stages the FPN reads (torchvision's own
+    argument; its MobileNetV3 detector reads only the two stride-32 stages, [4, 5] of
+    stem..5, too coarse for objects of 20-60 pixels: [2, 3, 4, 5] adds strides 8 and 16)."""
     from torchvision.models import detection
 
     if arch not in DETECTORS:
         raise ValueError(f"unknown detector {arch!r}; choose from {sorted(DETECTORS)}")
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    fn: Callable[..., nn.Module] = getattr(detection, DETECTORS[arch].builder)
-    model = fn(
-        weights=None,
-        weights_backbone=None,
-        num_classes=num_classes + 1,
-        min_size=min_size,
-        max_size=max_size,
-        **options,
-    )
+    if returned_layers:
+        model = _with_returned_layers(arch, num_classes, min_size, max_size,
+                                      list(returned_layers), options)  # fmt: skip
+    else:
+        fn: Callable[..., nn.Module] = getattr(detection, DETECTORS[arch].builder)
+        model = fn(
+            weights=None,
+            weights_backbone=None,
+            num_classes=num_classes + 1,
+            min_size=min_size,
+            max_size=max_size,
+            **options,
+        )
     if anchor_sizes:
         from torchvision.models.detection.anchor_utils import AnchorGenerator
 
@@ -101,6 +110,36 @@ def build_detector(
 
 
 ASPECT_RATIOS = (0.5, 1.0, 2.0)
+
+
+def _with_returned_layers(
+    arch: str, num_classes: int, min_size: int, max_size: int, returned: list[int],
+    options: dict[str, Any],
+) -> nn.Module:  # fmt: skip
+    """torchvision's Faster R-CNN of ``arch`` with the FPN on the ``returned`` backbone
+    stages (random weights, trainable BatchNorm, as its builders make with weights=None)."""
+    from torchvision.models import mobilenet_v3_large, resnet50
+    from torchvision.models.detection import FasterRCNN
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.backbone_utils import (
+        _resnet_fpn_extractor,
+        mobilenet_backbone,
+    )
+
+    levels = len(returned) + 1  # the FPN adds a max-pooled level on top
+    if arch.startswith("fasterrcnn_mobilenet"):
+        backbone = mobilenet_backbone(backbone_name="mobilenet_v3_large", weights=None,
+                                      fpn=True, norm_layer=nn.BatchNorm2d, trainable_layers=6,
+                                      returned_layers=returned)  # fmt: skip
+        del mobilenet_v3_large  # built by mobilenet_backbone
+        sizes = ((32, 64, 128, 256, 512),) * levels
+    else:
+        body = resnet50(weights=None, norm_layer=nn.BatchNorm2d)
+        backbone = _resnet_fpn_extractor(body, 5, returned_layers=returned)
+        sizes = tuple((32 * 2**i,) for i in range(levels))
+    anchors = AnchorGenerator(sizes, (ASPECT_RATIOS,) * levels)
+    return FasterRCNN(backbone, num_classes + 1, min_size=min_size, max_size=max_size,
+                      rpn_anchor_generator=anchors, **options)  # fmt: skip
 
 
 def backbone_key(arch: str, classifier_key: str) -> str | None:
@@ -174,6 +213,7 @@ DETECTION_BUILD_OPTIONS = (
     "max_size",
     "anchor_sizes",
     "box_head_dim",
+    "returned_layers",
     "rpn_pre_nms_top_n_train",
     "rpn_post_nms_top_n_train",
     "rpn_pre_nms_top_n_test",

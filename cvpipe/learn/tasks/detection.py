@@ -144,6 +144,11 @@ class DetectionTask(TrainTask):
         None, description="anchor sizes in pixels at every FPN level (None: 32..512)"
     )
     box_head_dim: int | None = Field(None, ge=16, description="ROI box head width (None: 1024)")
+    returned_layers: list[int] | None = Field(
+        None,
+        description="backbone stages the FPN reads (None: torchvision's; MobileNetV3: "
+        "[4, 5], both stride 32; [2, 3, 4, 5] adds strides 8 and 16 for small objects)",
+    )
     rpn_pre_nms_top_n_train: int | None = Field(None, ge=1)
     rpn_post_nms_top_n_train: int | None = Field(None, ge=1, description="proposals per image")
     rpn_pre_nms_top_n_test: int | None = Field(None, ge=1)

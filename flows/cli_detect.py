@@ -29,6 +29,7 @@ datasets_app = typer.Typer()  # the commands added to ``cvpipe datasets`` by :fu
 def register(app: typer.Typer, datasets: typer.Typer) -> None:
     """Add ``detect`` (and ``localize``) to the CLI, and ``canvases`` to its datasets."""
     app.add_typer(detect_app, name="detect")
+    app.add_typer(localize_app, name="localize")
     for command in datasets_app.registered_commands:
         datasets.registered_commands.append(command)
 
@@ -160,3 +161,53 @@ def _flow(name: str) -> Any:
     import importlib
 
     return getattr(importlib.import_module("flows.detection"), name)
+
+
+# --------------------------------------------------------------------------- localize
+
+localize_app = typer.Typer(help="Object localization: a classifier with a box head.")
+
+
+def _localize_train(config: Any) -> None:
+    from flows.detection import localize_train_flow
+
+    print_summary(run_flow(localize_train_flow, config), "localize train")
+
+
+def _register_localize() -> None:
+    from cvpipe.learn.localize import NOT_FOR_LOCALIZATION, LocalizeTrainConfig
+
+    config_command(
+        localize_app,
+        "train",
+        Spec(
+            LocalizeTrainConfig,
+            positional={"shards": "single-object boxed shards"},
+            exclude=NOT_FOR_LOCALIZATION,
+        ),  # fmt: skip
+        _localize_train,
+        help="Train a localizer (class + one box) on single-object shards.",
+        load_yaml=load_yaml,
+    )
+
+
+_register_localize()
+
+
+@localize_app.command("eval")
+def localize_eval(
+    checkpoint: str = typer.Argument(..., help="a localization checkpoint (final.pt)"),
+    shards: str = typer.Option(..., "--shards", help="single-object boxed shards"),
+    out: str = typer.Option(None, "--out", help="default: the checkpoint's folder/eval"),
+    split: str = typer.Option("test", "--split"),
+    device: str = typer.Option("auto", "--device"),
+) -> None:
+    """Top-1, mean IoU, the IoU >= 0.5 rate and both right, of a localizer."""
+    from cvpipe.core import storage
+    from flows.detection import localize_eval_flow
+
+    if out is None:
+        out = storage.join(checkpoint.rsplit("/", 1)[0] if "/" in checkpoint else ".", "eval")
+    row = run_flow(localize_eval_flow, checkpoint, storage.expand_urls(shards, ".tar"), out,
+                   split, device)  # fmt: skip
+    print_table([row], f"localize eval {checkpoint}")

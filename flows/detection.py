@@ -18,7 +18,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NONE
 
 from cvpipe.core import storage, tables
 from cvpipe.experiments.config import DetectionStudyConfig
@@ -153,3 +154,35 @@ def _count(urls: list[str]) -> int:
         index = unit_url(root, "index", shard_id(u)) if root else None
         total += tables.num_rows(index) if index and storage.is_committed(index) else 0
     return total
+
+
+@flow(name="localize-train", flow_run_name="localize train {config.arch} -> {config.out}")
+def localize_train_flow(config: Any) -> dict[str, Any]:
+    """Train a localizer (TrainStage with the localization task); score it on
+    ``config.test`` when given."""
+    result = train_run(config.job())
+    last = {k: v for k, v in result.last.items() if k != "split"}
+    summary: dict[str, Any] = {"checkpoint": result.checkpoint, **last}
+    if config.test:
+        summary.update(localize_eval_flow(
+            result.checkpoint, storage.expand_specs(config.test, ".tar"),
+            storage.join(config.out, "eval"), "test", config.device))  # fmt: skip
+    return summary
+
+
+@flow(name="localize-eval", flow_run_name="localize eval {checkpoint}")
+def localize_eval_flow(
+    checkpoint: str, shards: list[str], out: str, split: str = "test", device: str = "auto"
+) -> dict[str, Any]:
+    row = _evaluate_localizer(checkpoint, shards, out, split, device)
+    publish_table([row], "localize", f"Localization of `{checkpoint}`")
+    return row
+
+
+@task(name="evaluate-localizer", cache_policy=NONE, retries=1)
+def _evaluate_localizer(
+    checkpoint: str, shards: list[str], out: str, split: str, device: str
+) -> dict[str, Any]:
+    from cvpipe.learn.localize import evaluate_localizer
+
+    return evaluate_localizer(checkpoint, shards, out, split=split, device=device)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from prefect import flow, get_run_logger
 
 from cvpipe.data import datasets
@@ -47,15 +49,17 @@ def canvases_flow(config: CanvasesConfig) -> dict[str, dict]:
         seed=c.seed,
     )
     get_run_logger().info("exported canvases to %s: %s", c.out, counts)
-    return {
+    summaries = {
         split: ingest_flow(
-            IngestConfig(
-                source=canvases.manifest_path(c.out, split),
-                root=c.out,
-                partition=split,
-                name="canvases",
-                shard_size=c.shard_size,
-            )  # fmt: skip
+            IngestConfig(source=canvases.manifest_path(c.out, split), root=c.out,
+                         partition=split, name="canvases", shard_size=c.shard_size)
         )
         for split in counts
-    }
+    }  # fmt: skip
+    if c.digits:
+        canvases.export_digit_pool(c.out, seed=c.seed)
+        summaries["digits"] = ingest_flow(
+            IngestConfig(source=os.path.join(c.out, "digits"), root=c.out, partition="digits",
+                         name="digits", shard_size=max(c.shard_size, 500))
+        )  # fmt: skip
+    return summaries

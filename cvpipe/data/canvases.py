@@ -173,6 +173,20 @@ def export_canvases(
     return written
 
 
+def export_digit_pool(out: str, size: int = 32, seed: int = 0) -> int:
+    """The digit scans the labeled and unlabeled canvases draw from (never the held-out
+    test scans), as ``out/digits/<class>/NNNN.png`` at ``size`` pixels: what a backbone
+    classifier (the pipeline's student) may train on without seeing a test digit."""
+    scans, classes = _digit_pools(seed)["train"]
+    for i, (scan, cls) in enumerate(zip(scans, classes, strict=True)):
+        folder = os.path.join(out, "digits", str(int(cls)))
+        os.makedirs(folder, exist_ok=True)
+        Image.fromarray((scan * 255).astype(np.uint8), "L").resize(
+            (size, size), Image.Resampling.BILINEAR
+        ).save(os.path.join(folder, f"{i:04d}.png"))
+    return len(classes)
+
+
 def manifest_path(out: str, split: str) -> str:
     return os.path.join(out, "canvases", f"{split}.jsonl")
 

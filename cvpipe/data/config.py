@@ -35,3 +35,8 @@ class CanvasesConfig(Strict):
     max_overlap: float = Field(0.2, ge=0, le=1, description="largest IoU between two digits")
     seed: int = Field(0, description="seed of everything drawn")
     shard_size: int = Field(100, ge=1, description="samples per shard at ingest")
+    digits: bool = Field(
+        False,
+        description="also the training pool's digit scans as OUT/shards/digits/ (class "
+        "labels): a backbone classifier trained on them never sees a test digit",
+    )

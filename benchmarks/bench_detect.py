@@ -10,7 +10,7 @@ Two measurements, each a ratio or a rate taken in one run:
 - ``memory`` (GPU hosts): torchvision's Faster R-CNN (ResNet-50-FPN or MobileNetV3-FPN,
   weights=None) on synthetic in-memory canvases already on the device, fp32 and bf16.
 
-    python benchmarks/bench_detect.py                      # CPU: shards vs memory, 128 px
+    python benchmarks/bench_detect.py --config flows/examples/detect.yaml  # CPU, 128 px
     python benchmarks/bench_detect.py --device cuda --mode both --arch resnet50_fpn
 
 Prints a summary and writes benchmarks/results/bench_detect.json.
@@ -78,7 +78,13 @@ def shards_vs_memory(args: argparse.Namespace, device: torch.device) -> dict:
                                          shard_size=args.shard_size))  # fmt: skip
     urls = storage.list_committed(storage.join(root, "shards", "bench"), ".tar")
     cuda = device.type == "cuda"
-    task = DetectionTask(min_size=args.size, max_size=args.size + 1)
+    shape = {}
+    if args.config:  # the model shape of a detection config (e.g. flows/examples/detect.yaml)
+        import yaml
+
+        raw = yaml.safe_load(Path(args.config).read_text())
+        shape = {k: v for k, v in raw.items() if k in DetectionTask.model_fields}
+    task = DetectionTask(**{**shape, "min_size": args.size, "max_size": args.size + 1})
     cfg = TrainConfig(arch=DETECTOR[args.arch[0]], classes=[str(i) for i in range(10)],
                       batch_size=args.batch_size, lr=0.01, num_workers=args.num_workers,
                       shuffle_buffer=min(256, args.images), device=str(device))  # fmt: skip
@@ -119,7 +125,7 @@ def shards_vs_memory(args: argparse.Namespace, device: torch.device) -> dict:
         rates["infer_memory"].append(infer(cached))
     med = {k: statistics.median(v) for k, v in rates.items()}
     out = {
-        "arch": args.arch[0], "size": args.size, "images": args.images,
+        "arch": args.arch[0], "size": args.size, "images": args.images, "config": args.config,
         "batch_size": args.batch_size, "num_workers": args.num_workers,
         "epochs_per_path": args.epochs, "torch_threads": torch.get_num_threads(),
         **{f"{k}_images_per_s": round(v, 2) for k, v in med.items()},
@@ -208,6 +214,8 @@ def main() -> None:
     ap.add_argument("--num-workers", type=int, default=0)
     ap.add_argument("--shard-size", type=int, default=32)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (CPU)")
+    ap.add_argument("--config", default=None, help="shards mode: take the detector's shape "
+                    "from a detection config, e.g. flows/examples/detect.yaml")  # fmt: skip
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
     device = torch.device(args.device)

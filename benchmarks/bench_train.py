@@ -103,8 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     groups = transfer.param_groups(model, built.parts, cfg.lr, cfg.lr_multipliers)
     opt = loop.build_optimizer(groups, cfg)
     ds = task.dataset(cfg, urls, built.info, stage="bench", train=True)
-    loader = make_loader(ds, cfg.batch_size, cfg.num_workers, pin_memory=cuda,
-                         collate_fn=task.collate)
+    loader = make_loader(
+        ds, cfg.batch_size, cfg.num_workers, pin_memory=cuda, collate_fn=task.collate
+    )
 
     def epoch(batches) -> loop.EpochStats:
         meter = task.meter("train", built.info, device)

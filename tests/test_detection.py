@@ -8,8 +8,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import ingest_folder
+
 from cvpipe import models
 from cvpipe.core import tables
 from cvpipe.core.stage import run_stage
@@ -130,11 +130,15 @@ def test_backbone_transfer_loads_the_students_weights(tmp_path, classifier, dete
     body = [k for k in after if k.startswith("backbone.body.")]
     assert sorted(copied) == sorted(body)  # the whole body came from the student
     if classifier == "resnet50":
-        pairs = [("backbone.conv1.weight", "backbone.body.conv1.weight"),
-                 ("backbone.layer4.2.bn3.running_var", "backbone.body.layer4.2.bn3.running_var")]  # fmt: skip
+        pairs = [
+            ("backbone.conv1.weight", "backbone.body.conv1.weight"),
+            ("backbone.layer4.2.bn3.running_var", "backbone.body.layer4.2.bn3.running_var"),
+        ]
     else:
-        pairs = [("backbone.features.0.0.weight", "backbone.body.0.0.weight"),
-                 ("backbone.features.16.1.running_mean", "backbone.body.16.1.running_mean")]  # fmt: skip
+        pairs = [
+            ("backbone.features.0.0.weight", "backbone.body.0.0.weight"),
+            ("backbone.features.16.1.running_mean", "backbone.body.16.1.running_mean"),
+        ]
     for src, dst in pairs:
         assert torch.equal(after[dst], state[src])
         assert not torch.equal(before[dst], state[src]) or "running" in dst

@@ -312,6 +312,17 @@ SSL_RUNS = pa.schema(
     ]
 )
 
+# Samples of one shard and how many carry their true label (cvpipe/label/materialize.py
+# LabelCheckStage): one row per shard, summed by the flow into counts and precision.
+LABEL_CHECK = pa.schema(
+    [
+        ("shard", pa.string()),
+        ("samples", pa.int64()),
+        ("checked", pa.int64()),  # samples with a known true label
+        ("right", pa.int64()),  # ... whose label is that true label
+    ]
+)
+
 
 # Training metrics of any task (cvpipe/learn/loop.py): one row per epoch and split, the
 # task's metrics between the loss and the throughput. Classification's is METRICS.

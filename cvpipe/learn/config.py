@@ -47,6 +47,13 @@ class TrainConfig(Strict):
     seed: int = 0
     device: str = runtime("auto", description="auto | cpu | cuda | cuda:N")
     num_workers: int = runtime(0, ge=0, description="DataLoader workers (capped at shard count)")
+    num_streams: int = Field(
+        1,
+        ge=1,
+        description="sample streams the shards are split over; the sample order depends on it "
+        "(and on the seed), never on num_workers; workers read whole streams, so more workers "
+        "than streams idle",
+    )
     amp: bool = Field(True, description="bf16 autocast (CUDA only)")
     channels_last: bool = Field(True, description="channels_last memory format (CUDA only)")
     freeze_stages: int = Field(

@@ -27,7 +27,7 @@ from cvpipe.models.detection import (
     load_detector,
     transfer_backbone,
 )
-from cvpipe.models.device import cpu_threads, resolve_device
+from cvpipe.models.device import DeviceError, cpu_threads, resolve_device
 from cvpipe.models.nets import (
     ARCHITECTURES,
     IMAGENET_MEAN,
@@ -62,6 +62,7 @@ __all__ = [
     "Architecture",
     "CheckpointError",
     "Classifier",
+    "DeviceError",
     "Detector",
     "EmbeddingNet",
     "ModelInfo",

@@ -147,10 +147,11 @@ def topk_correct(logits: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tensor:
 
 
 class TopKMeter:
-    """Top-1/top-5 and per-class counts, summed on the device."""
+    """Top-1/top-5 (and, when asked, per-class counts), summed on the device."""
 
-    def __init__(self, num_classes: int, device: torch.device) -> None:
+    def __init__(self, num_classes: int, device: torch.device, per_class: bool = True) -> None:
         self.k = num_classes
+        self.by_class = per_class
         self.n = 0
         self.c1 = torch.zeros((), dtype=torch.int64, device=device)
         self.c5 = torch.zeros((), dtype=torch.int64, device=device)
@@ -162,8 +163,9 @@ class TopKMeter:
         hit1 = topk_correct(logits, y, 1)
         self.c1 += hit1.sum()
         self.c5 += topk_correct(logits, y, 5).sum()
-        self.count += torch.bincount(y, minlength=self.k)
-        self.correct += torch.bincount(y[hit1], minlength=self.k)
+        if self.by_class:
+            self.count += torch.bincount(y, minlength=self.k)
+            self.correct += torch.bincount(y[hit1], minlength=self.k)
         self.n += len(y)
 
     def compute(self) -> dict[str, float]:
@@ -226,6 +228,7 @@ class ClassificationTask(TrainTask):
             stage=stage,
             shuffle_buffer=cfg.shuffle_buffer,
             seed=cfg.seed,
+            num_streams=cfg.num_streams if train else 1,
         )
 
     def collate(self, items: list[dict[str, Any]]) -> TaskBatch:
@@ -243,7 +246,7 @@ class ClassificationTask(TrainTask):
         return F.cross_entropy(logits, batch.targets, reduction="sum"), logits
 
     def meter(self, split: str, info: ModelInfo, device: torch.device) -> TopKMeter:
-        return TopKMeter(info.num_classes, device)
+        return TopKMeter(info.num_classes, device, per_class=split != "train")
 
     def load(self, url: str, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelInfo]:
         return models.load_checkpoint(url, device)

@@ -152,6 +152,7 @@ class ContrastiveTask(TrainTask):
             stage=stage,
             shuffle_buffer=cfg.shuffle_buffer if train else 0,
             seed=cfg.seed,
+            num_streams=cfg.num_streams if train else 1,
         )
 
     def collate(self, items: list[dict[str, Any]]) -> TaskBatch:

@@ -231,6 +231,7 @@ class DetectionTask(TrainTask):
             stage=stage,
             shuffle_buffer=cfg.shuffle_buffer if train else 0,
             seed=cfg.seed,
+            num_streams=cfg.num_streams if train else 1,
             sample_fn=functools.partial(_item, self.boxes_field, tf, index),
         )
 

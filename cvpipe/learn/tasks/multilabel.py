@@ -126,6 +126,7 @@ class MultiLabelTask(TrainTask):
             stage=stage,
             shuffle_buffer=cfg.shuffle_buffer if train else 0,
             seed=cfg.seed,
+            num_streams=cfg.num_streams if train else 1,
             sample_fn=functools.partial(_item, self, tf, index),
         )
 

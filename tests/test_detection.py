@@ -212,8 +212,10 @@ def test_short_training_run_loss_goes_down_then_eval_and_pseudo_boxes(tmp_path, 
 
     root, shards = canvas_shards
     task = DetectionTask(**SMALL)
-    cfg = TrainConfig(arch="fasterrcnn_mobilenet_v3_large_fpn", epochs=4, batch_size=8, lr=0.02,
-                      weight_decay=1e-4, classes=DIGITS, shuffle_buffer=0, cpu_threads=1)  # fmt: skip
+    cfg = TrainConfig(
+        arch="fasterrcnn_mobilenet_v3_large_fpn", epochs=4, batch_size=8, lr=0.02,
+        weight_decay=1e-4, classes=DIGITS, shuffle_buffer=0, cpu_threads=1,
+    )  # fmt: skip
     with models.cpu_threads(1):
         ckpt = loop.train(task, cfg, shards["labeled"], str(tmp_path / "run"),
                           val_urls=shards["test"])  # fmt: skip

@@ -132,6 +132,7 @@ class LocalizationTask(TrainTask):
         index = {c: i for i, c in enumerate(info.classes)}
         return ShardDataset(list(urls), None, stage=stage,
                             shuffle_buffer=cfg.shuffle_buffer if train else 0, seed=cfg.seed,
+                            num_streams=cfg.num_streams if train else 1,
                             sample_fn=functools.partial(_item, tf, index))  # fmt: skip
 
     def collate(self, items: list[dict[str, Any]]) -> TaskBatch:

@@ -82,6 +82,10 @@ def detect_label_flow(config: PseudoBoxConfig) -> dict[str, Any]:
     return summary
 
 
+STUDENT_FIELDS = {"threshold", "class_thresholds", "nms_iou", "student_epochs",
+                  "finetune_epochs", "finetune_lr_factor"}  # fmt: skip
+
+
 def _detector(config: DetectionStudyConfig, seed: int, **fields: Any) -> DetectTrainConfig:
     return DetectTrainConfig.model_validate({**config.detector, "seed": seed, **fields})
 
@@ -102,22 +106,29 @@ def detection_flow(config: DetectionStudyConfig) -> dict[str, Any]:
         t_eval = evaluate(teacher, test, storage.join(base, "teacher", "eval"), teacher_cfg)
         _publish_eval(t_eval, f"seed-{seed}-teacher")
 
+        # Folders named after the student's settings: another threshold, another student.
+        tag = tables.config_hash(config.model_dump(include=STUDENT_FIELDS))[:8]
         pb = PseudoBoxConfig(checkpoint=teacher, shards=unlabeled,
-                             out=storage.join(base, "pseudo"), threshold=config.threshold,
+                             out=storage.join(base, f"pseudo-{tag}"), threshold=config.threshold,
                              class_thresholds=config.class_thresholds, nms_iou=config.nms_iou,
                              device=teacher_cfg.device,
                              cpu_threads=teacher_cfg.cpu_threads)  # fmt: skip
         pb_stats = PseudoBoxStage(pb).summarize(run_units(PseudoBoxStage(pb), what="pseudo-boxes"))
+        if pb_stats["boxes"] == 0:
+            raise ValueError(
+                f"seed {seed}: the teacher kept no box at threshold {config.threshold} "
+                f"(test mAP@.5 {t_eval.map_50:.3f}): lower the threshold or train it longer"
+            )
         mat = BoxMaterializeConfig(pseudo_boxes=pb.out, shards=unlabeled,
-                                   out=storage.join(base, "boxed"))  # fmt: skip
+                                   out=storage.join(base, f"boxed-{tag}"))  # fmt: skip
         run_units(BoxMaterializeStage(mat), what="materialize boxes")
         boxed = [output_url(mat.out, shard) for shard in _shard_ids(unlabeled)]
 
-        pre_cfg = _detector(config, seed, shards=boxed, out=storage.join(base, "student"),
+        pre_cfg = _detector(config, seed, shards=boxed, out=storage.join(base, f"student-{tag}"),
                             init=config.backbone,
                             epochs=config.student_epochs or teacher_cfg.epochs)  # fmt: skip
         pretrained = train_run(pre_cfg.job()).checkpoint
-        ft_cfg = _detector(config, seed, shards=labeled, out=storage.join(base, "finetuned"),
+        ft_cfg = _detector(config, seed, shards=labeled, out=storage.join(base, f"finetuned-{tag}"),
                            init=pretrained,
                            epochs=config.finetune_epochs or teacher_cfg.epochs,
                            lr=teacher_cfg.lr * config.finetune_lr_factor)  # fmt: skip

@@ -130,6 +130,19 @@ class PseudoBoxStage(Stage[PseudoBoxConfig, PseudoBoxStats]):
         out = self.config.out
         return [rejects_url(out, unit.name), pseudo_boxes_url(out, unit.name)]
 
+    def committed(self, unit: Unit) -> bool:
+        """Committed by this config; a unit another config committed under the same OUT
+        is an error (its boxes would silently stand for this config's)."""
+        if not super().committed(unit):
+            return False
+        have = tables.read_lineage(pseudo_boxes_url(self.config.out, unit.name)).get("config_hash")
+        if have != tables.config_hash(self.config):
+            raise PermanentError(
+                f"{pseudo_boxes_url(self.config.out, unit.name)} was written by another "
+                f"config (hash {have}, now {tables.config_hash(self.config)}): use a new OUT"
+            )
+        return True
+
     def setup(self) -> None:
         c = self.config
         self.device = models.resolve_device(c.device)

@@ -12,7 +12,7 @@ from conftest import ingest_folder
 
 from cvpipe import models
 from cvpipe.core import tables
-from cvpipe.core.stage import run_stage
+from cvpipe.core.stage import PermanentError, run_stage
 from cvpipe.data import canvases
 from cvpipe.data.shards import read_shard_samples
 from cvpipe.label.config import BoxMaterializeConfig, PseudoBoxConfig
@@ -257,6 +257,9 @@ def test_short_training_run_loss_goes_down_then_eval_and_pseudo_boxes(tmp_path, 
         assert all(s >= 0.05 for s in r["scores"]) and all(0 <= c < 10 for c in r["labels"])
         assert r["scores"] == sorted(r["scores"], reverse=True)
     assert run_stage(PseudoBoxStage(cfg_pb))[0].skipped  # committed: read back
+    other = cfg_pb.model_copy(update={"threshold": 0.5})
+    with pytest.raises(PermanentError, match="another config"):
+        run_stage(PseudoBoxStage(other))  # never taken for the other threshold's boxes
 
     # Materialized: images with at least one box, the boxes in their json.
     mat = BoxMaterializeConfig(pseudo_boxes=out, shards=shards["unlabeled"],

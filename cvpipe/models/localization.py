@@ -5,8 +5,11 @@ class and its box. :class:`Localizer` keeps a :class:`~cvpipe.models.Classifier`
 ``backbone`` (same keys, so any pipeline checkpoint of the architecture seeds it) and
 ``head`` (class logits from the globally pooled features), and adds ``box_head``: from
 the last feature map pooled to 4 x 4 cells (the position of the object survives, which
-global pooling would average away) to 4 numbers, the box ``[x1, y1, x2, y2]`` as
-fractions of the image's width and height (sigmoid, so inside the image).
+global pooling would average away) to the box's center, width and height as fractions
+of the image's sides (sigmoid), returned as corners ``[x1, y1, x2, y2]`` clipped to the
+image. The last layer starts at zero, so every box starts as the image's central
+quarter with the sigmoid in its linear range: started random, large backbone features
+saturate it and the box never learns.
 """
 
 from __future__ import annotations
@@ -50,15 +53,16 @@ class Localizer(nn.Module):
             nn.ReLU(inplace=True),
             nn.Linear(box_hidden, 4),
         )
+        nn.init.zeros_(self.box_head[-1].weight)
+        nn.init.zeros_(self.box_head[-1].bias)
         self.backbone.train()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         fmap = feature_map(self.backbone, self.arch, x)
         logits = self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(fmap, 1), 1))
-        raw = torch.sigmoid(self.box_head(fmap))
-        # Corners in order whatever the head says: x1 <= x2, y1 <= y2.
-        lo, hi = torch.minimum(raw[:, :2], raw[:, 2:]), torch.maximum(raw[:, :2], raw[:, 2:])
-        return logits, torch.cat([lo, hi], dim=1)
+        center, size = torch.sigmoid(self.box_head(fmap)).split(2, dim=1)
+        box = torch.cat([center - size / 2, center + size / 2], dim=1).clamp(0, 1)
+        return logits, box
 
 
 def build_localizer(arch: str, num_classes: int) -> Localizer:

@@ -155,3 +155,56 @@ def test_coco_file_problems_are_one_line_errors(tmp_path, content, message):
 def test_missing_coco_file(tmp_path):
     with pytest.raises(coco.CocoError, match="does not exist"):
         coco.manifest_rows(str(tmp_path / "nope.json"), str(tmp_path))
+
+
+# ----------------------------------------------------------------------------- ingest
+
+
+def test_ingest_from_coco_keeps_good_boxes_and_counts_dropped_ones(tmp_path):
+    from PIL import Image
+
+    from cvpipe.core import storage, tables
+    from cvpipe.data import ingest
+    from cvpipe.data.config import IngestConfig
+    from cvpipe.data.shards import read_shard_samples
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (40, 30), (90, 120, 150)).save(images / name)
+    ann = _coco(
+        tmp_path,
+        {
+            "images": [{"id": 1, "file_name": "a.png"}, {"id": 2, "file_name": "b.png"}],
+            "annotations": [
+                {"image_id": 1, "category_id": 1, "bbox": [2, 3, 10, 10]},  # good
+                {"image_id": 1, "category_id": 1, "bbox": [35, 5, 10, 10]},  # leaves the image
+                {"image_id": 1, "category_id": 9, "bbox": [1, 1, 5, 5]},  # unknown category
+                {"image_id": 2, "category_id": 2, "bbox": [0, 0, 0, 8]},  # zero width
+                {"image_id": 2, "category_id": 2, "bbox": [5, 5, 20, 20]},  # good
+            ],
+            "categories": [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}],
+        },
+    )
+    root = str(tmp_path / "root")
+    cfg = IngestConfig(source=str(images), coco=ann, root=root, partition="p", name="c")
+    stats = ingest.ingest_partition(cfg)
+    (url,) = storage.list_committed(storage.join(root, "shards", "p"), ".tar")
+    samples, _ = read_shard_samples(url)
+    assert [s.meta["boxes"] for s in samples] == [
+        [{"bbox": [2.0, 3.0, 12.0, 13.0], "label": "cat"}],
+        [{"bbox": [5.0, 5.0, 25.0, 25.0], "label": "dog"}],
+    ]
+    summary = ingest.summarize(stats)
+    assert (summary["samples"], summary["written"], summary["rejected"]) == (2, 2, 0)
+    assert summary["dropped_boxes_by_reason"] == {
+        boxes.NEGATIVE_SIZE: 1, boxes.OUTSIDE_IMAGE: 1, boxes.UNKNOWN_LABEL: 1
+    }  # fmt: skip
+    rejects = tables.read_parquet(storage.list_committed(f"{root}/rejects", recursive=True)[0])
+    assert sorted(rejects.column("detail").to_pylist())[0].startswith("box ")
+    # Read back from the committed tables: the same accounting.
+    again = ingest.summarize(ingest.ingest_partition(cfg))
+    assert again["shards_skipped"] == 1
+    assert {k: again[k] for k in ("samples", "written", "rejected", "dropped_boxes")} == {
+        k: summary[k] for k in ("samples", "written", "rejected", "dropped_boxes")
+    }

@@ -37,6 +37,7 @@ def test_detect_commands_and_their_flags():
     )
     assert {"--out", "--box-weight", "--test"} <= _options("localize", "train")
     assert {"--shards", "--out"} <= _options("localize", "eval")
+    assert {"--coco", "--out", "--box-labels"} <= _options("ingest")  # ingest --coco ANN IMAGES
 
 
 def test_example_configs_validate_as_they_are():

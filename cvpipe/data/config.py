@@ -17,6 +17,12 @@ class IngestConfig(Strict):
     name: str = Field("shard", pattern=r"^[A-Za-z0-9_-]+$", description="shard file name prefix")
     shard_size: int = Field(10_000, ge=1, description="samples per shard")
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="larger images are rejected")
+    coco: str | None = Field(
+        None, description="a COCO annotation JSON: SOURCE is then its images folder"
+    )
+    box_labels: list[str] | None = Field(
+        None, description="the known box labels (a box with another is dropped); None: any"
+    )
 
 
 class CanvasesConfig(Strict):

@@ -31,6 +31,8 @@ import pyarrow.parquet as pq
 from cvpipe.core import tables
 from cvpipe.core.stage import Resources, Stage, Unit, run_stage
 from cvpipe.core.storage import is_committed, is_local, join, open_atomic, read_bytes, url_to_fs
+from cvpipe.data import boxes as boxes_mod
+from cvpipe.data import coco as coco_mod
 from cvpipe.data import images
 from cvpipe.data.config import IngestConfig
 from cvpipe.data.shards import ShardWriter, encode_meta, shard_id, shard_url, unit_url
@@ -133,11 +135,12 @@ def list_source(src: str) -> list[dict[str, Any]]:
     )
 
 
-def build_plan(src: str, partition: str, shard_size: int) -> pa.Table:
-    """The plan table for a source: one row per item, keys assigned, duplicates marked."""
+def build_plan(src: str, partition: str, shard_size: int, coco: str | None = None) -> pa.Table:
+    """The plan table for a source: one row per item, keys assigned, duplicates marked.
+    With ``coco`` (a COCO annotation file), ``src`` is its images folder."""
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
-    rows = list_source(src)
+    rows = coco_mod.manifest_rows(coco, src)[0] if coco else list_source(src)
     seen: set[str] = set()
     for row in rows:
         row["key"] = make_key(partition, row["source"])
@@ -177,7 +180,7 @@ def prepare_plan(
                 f"config (hash {have}, now {want}): ingest into a new partition or root"
             )
         return url, plan_shard_count(url)
-    plan = build_plan(src, partition, shard_size)
+    plan = build_plan(src, partition, shard_size, getattr(config, "coco", None))
     if plan.num_rows == 0:
         raise ValueError(f"source {src} holds no images")
     write_plan(plan, url, shard_size, config)
@@ -204,6 +207,7 @@ class ShardStats:
     written: int = 0
     rejects: Counter = field(default_factory=Counter)
     skipped: bool = False  # committed by an earlier run
+    dropped_boxes: Counter = field(default_factory=Counter)  # bad boxes of written images
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -213,6 +217,7 @@ class ShardStats:
             "rejected": sum(self.rejects.values()),
             "rejects": dict(self.rejects),
             "skipped": self.skipped,
+            "dropped_boxes": dict(self.dropped_boxes),
         }
 
 
@@ -225,29 +230,16 @@ def _parse_list(value: str | None, what: str) -> list | None:
     return parsed
 
 
-def _check_boxes(boxes: list) -> list:
-    for b in boxes:
-        coords = b.get("bbox") if isinstance(b, dict) else b
-        if (
-            not isinstance(coords, list)
-            or len(coords) != 4
-            or not all(isinstance(c, (int, float)) for c in coords)
-            or coords[2] < coords[0]
-            or coords[3] < coords[1]
-        ):
-            raise ValueError(f"bad box {b!r}: want [x1, y1, x2, y2] with x2>=x1, y2>=y1")
-    return boxes
-
-
-def _prepare(row: dict[str, Any], max_pixels: int) -> tuple[str, bytes, dict[str, Any]]:
-    """Validate one plan row; returns (extension, bytes, metadata) or raises RejectedImage."""
+def _prepare(
+    row: dict[str, Any], max_pixels: int, box_labels: Sequence[str] | None = None
+) -> tuple[str, bytes, dict[str, Any], list[boxes_mod.DroppedBox]]:
+    """Validate one plan row; returns (extension, bytes, metadata, dropped boxes) or
+    raises RejectedImage. A bad box is dropped (the image keeps its good boxes)."""
     if row["duplicate"]:
         raise images.RejectedImage("duplicate_key", f"{row['source']} is listed more than once")
     try:
         hashtags = _parse_list(row["hashtags"], "hashtags")
         boxes = _parse_list(row["boxes"], "boxes")
-        if boxes is not None:
-            boxes = _check_boxes(boxes)
     except (ValueError, TypeError, AttributeError) as e:
         raise images.RejectedImage("bad_metadata", str(e)) from None
     try:
@@ -260,6 +252,10 @@ def _prepare(row: dict[str, Any], max_pixels: int) -> tuple[str, bytes, dict[str
     ext = images.SHARD_EXTENSION.get(header.format)
     if ext is None:  # BMP, GIF, TIFF...: shards carry only jpg/png/webp
         data, ext = images.reencode_png(data, max_pixels), "png"
+    dropped: list[boxes_mod.DroppedBox] = []
+    if boxes is not None:
+        checked = boxes_mod.validate_boxes(boxes, header.width, header.height, box_labels)
+        boxes, dropped = checked.boxes, checked.dropped
     meta = {
         "source": row["source"],
         "width": header.width,
@@ -269,7 +265,7 @@ def _prepare(row: dict[str, Any], max_pixels: int) -> tuple[str, bytes, dict[str
         "hashtags": hashtags,
         "boxes": boxes,
     }
-    return ext, data, meta
+    return ext, data, meta, dropped
 
 
 def ingest_shard(
@@ -280,6 +276,7 @@ def ingest_shard(
     plan: str,
     config: Any = None,
     max_pixels: int = images.DEFAULT_MAX_PIXELS,
+    box_labels: Sequence[str] | None = None,
 ) -> ShardStats:
     """Write shard ``index`` of a partition from its plan row group (the work of one
     :class:`IngestStage` unit; it overwrites, the stage skips committed shards)."""
@@ -295,7 +292,7 @@ def ingest_shard(
         for row in read_plan_group(plan, index).to_pylist():
             stats.samples += 1
             try:
-                ext, data, meta = _prepare(row, max_pixels)
+                ext, data, meta, dropped = _prepare(row, max_pixels, box_labels)
             except images.RejectedImage as e:
                 stats.rejects[e.reason] += 1
                 reject_rows.append(
@@ -309,6 +306,11 @@ def ingest_shard(
                 )
                 continue
             stats.written += 1
+            for d in dropped:  # rows about boxes, counted apart from rejected samples
+                stats.dropped_boxes[d.reason] += 1
+                detail = f"box {d.index}: {d.detail}"
+                reject_rows.append({"key": row["key"], "shard": sid, "stage": "ingest",
+                                    "reason": d.reason, "detail": detail})  # fmt: skip
             index_rows.append(
                 {
                     "key": row["key"],
@@ -339,13 +341,16 @@ def committed_stats(root: str, sid: str) -> ShardStats:
     """Stats of a unit an earlier run committed, read back from its tables."""
     index = tables.read_parquet(unit_url(root, "index", sid), columns=["key"])
     rejects = tables.read_parquet(unit_url(root, "rejects/ingest", sid), columns=["reason"])
-    counts = Counter(rejects.column("reason").to_pylist())
+    reasons = Counter(rejects.column("reason").to_pylist())
+    box_rows = Counter({r: n for r, n in reasons.items() if r in boxes_mod.REASONS})
+    counts = reasons - box_rows
     return ShardStats(
         sid,
-        samples=index.num_rows + rejects.num_rows,
+        samples=index.num_rows + sum(counts.values()),
         written=index.num_rows,
         rejects=counts,
         skipped=True,
+        dropped_boxes=box_rows,
     )
 
 
@@ -369,10 +374,17 @@ def reject_summary(stats: Sequence[Any]) -> dict[str, Any]:
     by_reason: Counter = Counter()
     for s in stats:
         by_reason.update(s.rejects)
-    return {
+    dropped: Counter = Counter()
+    for s in stats:
+        dropped.update(getattr(s, "dropped_boxes", None) or {})
+    out = {
         "rejected": sum(by_reason.values()),
         "rejects_by_reason": dict(sorted(by_reason.items())),
     }
+    if dropped:  # boxes dropped from images that were written with their good boxes
+        out["dropped_boxes"] = sum(dropped.values())
+        out["dropped_boxes_by_reason"] = dict(sorted(dropped.items()))
+    return out
 
 
 # ------------------------------------------------------------------------- the stage
@@ -412,7 +424,7 @@ class IngestStage(Stage[IngestConfig, ShardStats]):
     def process(self, unit: Unit) -> ShardStats:
         c = self.config
         return ingest_shard(c.root, c.partition, c.name, unit.index, unit.inputs[0], c,
-                            c.max_pixels)  # fmt: skip
+                            c.max_pixels, c.box_labels)  # fmt: skip
 
     def read_back(self, unit: Unit) -> ShardStats:
         return committed_stats(self.config.root, self._sid(unit))

@@ -569,6 +569,11 @@ from flows.cli_index import register as _register_index  # noqa: E402
 
 _register_index(app)
 
+# Detection commands live in their own module.
+from flows import cli_detect  # noqa: E402
+
+cli_detect.register(app, datasets_app)
+
 
 def main() -> None:
     from flows import local_api

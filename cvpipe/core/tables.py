@@ -413,3 +413,68 @@ RETRIEVAL = pa.schema(
         ("exact_precision", pa.float64()),  # the same with exact search
     ]
 )
+
+# Detection (cvpipe/learn/detect_eval.py, cvpipe/label/pseudo_boxes.py).
+
+# COCO-style scores of one detector on one labeled split (torchmetrics'
+# MeanAveragePrecision): mAP@[.5:.95], mAP@.5, mAP@.75, mean recall at 100 detections.
+DETECT_METRICS = pa.schema(
+    [
+        ("split", pa.string()),
+        ("images", pa.int64()),
+        ("boxes", pa.int64()),  # ground-truth boxes scored against
+        ("map", pa.float64()),
+        ("map_50", pa.float64()),
+        ("map_75", pa.float64()),
+        ("mar_100", pa.float64()),
+        ("images_per_s", pa.float64()),
+    ]
+)
+
+# Per-class AP of a detector (NaN where the split holds no box of the class).
+DETECT_PER_CLASS = pa.schema(
+    [
+        ("class_index", pa.int32()),
+        ("class_name", pa.string()),
+        ("boxes", pa.int64()),  # ground-truth boxes of the class
+        ("ap", pa.float64()),  # AP@[.5:.95]
+        ("ap_50", pa.float64()),
+    ]
+)
+
+# Pseudo-boxes: a detector's boxes above a score threshold after NMS, per sample;
+# ``labels`` index the detector's classes (0-based; the class names are in the lineage).
+PSEUDO_BOXES = pa.schema(
+    [
+        ("key", pa.string()),
+        ("shard", pa.string()),
+        ("boxes", pa.list_(pa.list_(pa.float32()))),  # [x1, y1, x2, y2] in image pixels
+        ("labels", pa.list_(pa.int32())),
+        ("scores", pa.list_(pa.float32())),
+    ]
+)
+
+# Object localization (one box per image): top-1 and IoU of the predicted box.
+LOCALIZE_METRICS = pa.schema(
+    [
+        ("split", pa.string()),
+        ("images", pa.int64()),
+        ("top1", pa.float64()),
+        ("mean_iou", pa.float64()),
+        ("iou_50", pa.float64()),  # share of images whose box has IoU >= 0.5
+        ("correct_50", pa.float64()),  # right class and IoU >= 0.5
+    ]
+)
+
+# The detection teacher-student study: one row per (seed, method).
+DETECT_STUDY = pa.schema(
+    [
+        ("seed", pa.int64()),
+        ("method", pa.string()),  # teacher | supervised | student_pretrained | student_finetuned
+        ("labeled", pa.int64()),
+        ("pseudo_images", pa.int64()),
+        ("pseudo_boxes", pa.int64()),
+        ("map", pa.float64()),
+        ("map_50", pa.float64()),
+    ]
+)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -143,3 +143,30 @@ class AnchorTransferConfig(Strict):
         if len(set(tags)) != len(tags):
             raise ValueError(f"methods must differ, got {tags}")
         return self
+
+
+class DetectionStudyConfig(Strict):
+    """The detection teacher-student loop in miniature (STAC-like), per seed: a teacher
+    detector on the labeled canvases (the supervised baseline) -> pseudo-boxes on the
+    unlabeled canvases -> a student detector pretrained on them -> fine-tuned on the
+    labeled canvases; every detector scored (mAP, mAP@.5) on the test canvases."""
+
+    root: str = Field(description="output root of the study")
+    labeled: str | list[str] = Field(description="boxed training shards")
+    unlabeled: str | list[str] = Field(description="shards without boxes")
+    test: str | list[str] = Field(description="boxed test shards")
+    seeds: list[int] = Field([0, 1, 2], min_length=1)
+    detector: dict[str, Any] = Field(
+        default_factory=dict,
+        description="detection training fields (cvpipe.learn.detect.DetectTrainConfig) "
+        "shared by every detector; shards, out, seed and init are set per run",
+    )
+    backbone: str | None = Field(
+        None, description="a classifier checkpoint (the student stage's) every detector starts from"
+    )
+    threshold: float = Field(0.7, ge=0, le=1, description="pseudo-box score threshold")
+    class_thresholds: dict[str, float] = Field(default_factory=dict)
+    nms_iou: float = Field(0.5, gt=0, le=1)
+    student_epochs: int | None = Field(None, ge=1, description="pretraining epochs (None: same)")
+    finetune_epochs: int | None = Field(None, ge=1, description="fine-tuning epochs (None: same)")
+    finetune_lr_factor: float = Field(0.5, gt=0, description="fine-tuning lr = lr x this")

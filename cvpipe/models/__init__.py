@@ -19,11 +19,14 @@ from cvpipe.models.checkpoints import (
     sidecar_url,
 )
 from cvpipe.models.detection import (
+    DETECTION_BUILD_OPTIONS,
     DETECTORS,
     Detector,
     build_detector,
     detector_head_modules,
     detector_stage_modules,
+    load_detector,
+    transfer_backbone,
 )
 from cvpipe.models.device import DeviceError, cpu_threads, resolve_device
 from cvpipe.models.nets import (
@@ -53,6 +56,7 @@ def stages_of(arch: str) -> tuple[str, ...]:
 __all__ = [
     "ARCHITECTURES",
     "CLASSIFIER_TASKS",
+    "DETECTION_BUILD_OPTIONS",
     "DETECTORS",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -71,6 +75,7 @@ __all__ = [
     "detector_head_modules",
     "detector_stage_modules",
     "load_checkpoint",
+    "load_detector",
     "load_info",
     "load_model",
     "load_state",
@@ -81,4 +86,5 @@ __all__ = [
     "sidecar_url",
     "stage_modules",
     "stages_of",
+    "transfer_backbone",
 ]

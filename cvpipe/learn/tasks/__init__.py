@@ -15,10 +15,11 @@ from cvpipe.learn.tasks.base import Built, Meter, TaskBatch, TrainTask
 from cvpipe.learn.tasks.classification import ClassificationTask
 from cvpipe.learn.tasks.contrastive import ContrastiveTask
 from cvpipe.learn.tasks.detection import DetectionTask
+from cvpipe.learn.tasks.localization import LocalizationTask
 from cvpipe.learn.tasks.multilabel import MultiLabelTask
 
 AnyTask = Annotated[
-    ClassificationTask | MultiLabelTask | DetectionTask | ContrastiveTask,
+    ClassificationTask | MultiLabelTask | DetectionTask | ContrastiveTask | LocalizationTask,
     Field(discriminator="kind"),
 ]
 
@@ -28,6 +29,7 @@ __all__ = [
     "ClassificationTask",
     "ContrastiveTask",
     "DetectionTask",
+    "LocalizationTask",
     "Meter",
     "MultiLabelTask",
     "TaskBatch",

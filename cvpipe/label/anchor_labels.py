@@ -69,6 +69,22 @@ class Labels:
         return len(self.codes)
 
 
+def concat_labels(parts: Sequence[Labels]) -> Labels:
+    """The labels of consecutive batches as one: the union of their vocabularies
+    (sorted), each batch's codes mapped into it."""
+    if len(parts) == 1:
+        return parts[0]
+    vocab = sorted(set().union(*(p.vocab for p in parts)))
+    pos = {v: i for i, v in enumerate(vocab)}
+    codes = [np.array([pos[v] for v in p.vocab], np.int64)[p.codes] for p in parts]
+    return Labels(
+        vocab,
+        np.concatenate(codes) if codes else np.zeros(0, np.int64),
+        np.concatenate([p.anchors for p in parts]),
+        np.concatenate([p.distances for p in parts]),
+    )
+
+
 def _encode(parts: np.ndarray, base: int, names: Sequence[str], sep: str) -> tuple:
     """Codes and vocab for rows of anchor indices joined with ``sep``."""
     n, k = parts.shape

@@ -158,7 +158,7 @@ def count_sequences_file(
     )
     total: Counter[str] = Counter()
     depth = uniform_depth(len(ranker.names))
-    for batch in iter_features(features_url, batch_rows, with_keys=False):
+    for batch in iter_features(features_url, batch_rows, with_keys=False, copy=False):
         order, _ = ranker.rank(batch.matrix, depth)
         total.update(sequence_counts_ranked(order, ranker.names))
     return dict(sorted(total.items()))

@@ -22,7 +22,9 @@ killed between the two leaves a matrix nobody lists, replaced by the rerun.
 
 :func:`iter_features` is the one reader: batches of ``(keys, shards, matrix)`` with
 memory bounded by a few batches whatever the file size, decoded one batch ahead in a
-thread (reads release the GIL, so they overlap the consumer's compute).
+thread (reads release the GIL, so they overlap the consumer's compute). Consumers that
+only read the vectors (anchor labeling, sums, counts) take ``copy=False``: the batches
+are then read-only memory maps of a local file, with no copy at all.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import os
 import posixpath
 import queue
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import IO, Any, NamedTuple
 
@@ -223,7 +225,7 @@ def _map_rows(fd: int, info: FeaturesInfo, start: int, rows: int) -> np.ndarray:
     return np.frombuffer(m, DTYPE, rows * info.dim, off - base).reshape(rows, info.dim)
 
 
-def _row_reader(f: IO[bytes], info: FeaturesInfo, copy: bool) -> Any:
+def _row_reader(f: IO[bytes], info: FeaturesInfo, copy: bool) -> Callable[[int, int], np.ndarray]:
     """``read(start, rows) -> matrix``: copies into owned arrays, or (``copy=False`` on a
     local file, where the platform maps files) read-only memory maps."""
     if copy or not hasattr(mmap, "MAP_SHARED") or not isinstance(f, io.FileIO):

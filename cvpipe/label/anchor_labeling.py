@@ -2,8 +2,9 @@
 
 :class:`AnchorRanker` holds what every batch needs (the anchors, their space, the
 distance index), built once; :class:`Labeler` adds one method's settings (N, the frozen
-Uniform rule, ...) and labels a features file batch by batch into a streaming Parquet
-writer, so memory is bounded by a few batches whatever the file size. The stages in
+Uniform rule, ...) and labels a features file batch by batch (memory-mapped reads)
+into a :class:`LabelsWriter`, which writes the rows a row group at a time in a thread,
+so memory is bounded by a few batches whatever the file size. The stages in
 :mod:`cvpipe.label.anchor_stages` build one labeler per worker process; the functions
 :func:`label_file`, :func:`count_sequences_file` and :func:`label_folder` do the same in
 one call (notebooks, tests, benchmarks).

@@ -79,7 +79,7 @@ def concat_labels(parts: Sequence[Labels]) -> Labels:
     codes = [np.array([pos[v] for v in p.vocab], np.int64)[p.codes] for p in parts]
     return Labels(
         vocab,
-        np.concatenate(codes) if codes else np.zeros(0, np.int64),
+        np.concatenate(codes),
         np.concatenate([p.anchors for p in parts]),
         np.concatenate([p.distances for p in parts]),
     )

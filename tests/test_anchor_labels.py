@@ -11,7 +11,7 @@ import pytest
 from anchor_helpers import NAMES, random_dist, ref_nearest, ref_order, tie_dist
 
 from cvpipe.label import anchors as an
-from cvpipe.label.anchor_labels import _encode
+from cvpipe.label.anchor_labels import _encode, concat_labels
 
 
 @pytest.mark.parametrize("make", [random_dist, tie_dist], ids=["random", "ties"])
@@ -39,6 +39,22 @@ def test_label_codes_are_the_sorted_distinct_labels(base, k):
     expect = [">".join(names[j] for j in row) for row in parts.tolist()]
     assert [vocab[c] for c in codes.tolist()] == expect
     assert vocab == sorted(set(expect)) and codes.dtype == np.int64
+
+
+def test_concatenated_batches_keep_every_label_anchor_and_distance():
+    parts = [
+        an.nearest_labels(make(seed), NAMES, n=2)
+        for make, seed in ((random_dist, 1), (tie_dist, 2), (random_dist, 3))
+    ]
+    parts.append(an.random_labels([f"k{i}" for i in range(7)], 3))  # no anchors: k = 0
+    one = concat_labels(parts[:3])
+    assert one.labels == sum((p.labels for p in parts[:3]), [])
+    assert one.vocab == sorted(set(one.vocab)) and len(one) == 1200
+    assert np.array_equal(one.anchors, np.concatenate([p.anchors for p in parts[:3]]))
+    assert np.array_equal(one.distances, np.concatenate([p.distances for p in parts[:3]]))
+    assert concat_labels(parts[3:]) is parts[3]
+    both = concat_labels([parts[3], parts[3]])
+    assert both.labels == parts[3].labels * 2 and both.anchors.shape == (14, 0)
 
 
 def test_ties_break_by_anchor_index():

@@ -75,12 +75,17 @@ def datasets_digits(
     split: str = typer.Option(
         None, help="e.g. labeled=0.1,unlabeled=0.6,test=0.3 (stratified, seeded)"
     ),
-    seed: int = typer.Option(0, help="seed of the split"),
+    seed: int = typer.Option(0, help="seed of the split (and of the captions)"),
+    captions: bool = typer.Option(False, "--captions", help="also SYNTHETIC caption manifests"),
+    caption_q: float = typer.Option(0.6, "--caption-q", help="P(a caption names the digit)"),
 ) -> None:
     """scikit-learn's 1,797 real handwritten digits as an image-folder tree."""
     from flows.datasets import export_digits_flow
 
-    counts = run_flow(export_digits_flow, out, size=size, split=split, seed=seed)
+    counts = run_flow(
+        export_digits_flow, out, size=size, split=split, seed=seed, captions=captions,
+        caption_q=caption_q,
+    )  # fmt: skip
     typer.echo(json.dumps(counts))
 
 

@@ -16,6 +16,7 @@ import typer
 from pydantic import ValidationError
 
 from cvpipe.data.images import DEFAULT_MAX_PIXELS
+from flows.cli_weak import register as register_weak
 
 app = typer.Typer(
     help="cvpipe: web-scale images in, labeled data and trained models out.",
@@ -510,6 +511,9 @@ def demo(
                 str(examples / "anchors.yaml"), AnchorTransferConfig, root=join(out, "anchors")
             )
         )
+
+
+register_weak(app)  # vocab, train-weak, words (flows/cli_weak.py)
 
 
 def main() -> None:

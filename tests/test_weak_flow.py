@@ -1,0 +1,84 @@
+"""Weak supervision end to end under Prefect: synthetic digit captions from the CLI,
+ingested, the vocabulary flow with synonyms, and its one-line errors."""
+
+import pytest
+from typer.testing import CliRunner
+
+from cvpipe.core import storage, tables
+from cvpipe.label.vocab import read_vocab
+
+
+@pytest.fixture(scope="module")
+def captioned_digits(tmp_path_factory, prefect_harness):
+    """The digits with synthetic captions (CLI), the unlabeled and test parts ingested."""
+    from flows.cli import app
+
+    runner = CliRunner()
+    base = tmp_path_factory.mktemp("weak")
+    png, root = str(base / "png"), str(base / "root")
+    split = "labeled=0.1,unlabeled=0.6,test=0.3"
+    res = runner.invoke(
+        app, ["datasets", "digits", png, "--size", "16", "--split", split, "--captions"]
+    )
+    assert res.exit_code == 0, res.output
+    assert "captions/unlabeled.csv" in res.output
+    for part in ("unlabeled", "test"):
+        res = runner.invoke(
+            app,
+            ["ingest", f"{png}/captions/{part}.csv", "--out", root, "--partition", part,
+             "--shard-size", "200", "--name", "digits"],
+        )  # fmt: skip
+        assert res.exit_code == 0, res.output
+    return {"png": png, "root": root, "base": base}
+
+
+def test_cli_vocab_on_the_bundled_digits(captioned_digits):
+    from flows.cli import app
+
+    runner = CliRunner()
+    d = captioned_digits
+    out = str(d["base"] / "vocab.parquet")
+    shards = f"{d['root']}/shards/unlabeled"
+    res = runner.invoke(
+        app,
+        ["vocab", shards, "--size", "40", "--min-count", "3", "--out", out,
+         "--synonyms", f"{d['png']}/captions/synonyms.txt", "--fan-in", "2"],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "| index | word |" in res.output
+    vocab = read_vocab(out)
+    digits = {"zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"}
+    assert digits <= set(vocab.words)
+    assert not {"sept", "7", "the", "https", "example", "org"} & set(vocab.words)
+    assert min(vocab.counts) >= 3 and vocab.counts == sorted(vocab.counts, reverse=True)
+    lin = tables.read_lineage(out)
+    assert lin["exact"] and lin["synonyms"]["sept"] == "seven" and lin["shards"] == 6
+    merges = storage.list_committed(f"{d['base']}/vocab.parts", ".parquet", recursive=True)
+    assert any("/merge-2/" in u for u in merges)  # 6 leaves, fan-in 2: three levels
+
+    again = runner.invoke(
+        app,
+        ["vocab", shards, "--size", "40", "--min-count", "3", "--out", out,
+         "--synonyms", f"{d['png']}/captions/synonyms.txt", "--fan-in", "2"],
+    )  # fmt: skip
+    assert again.exit_code == 0 and read_vocab(out).words == vocab.words
+
+
+def test_cli_vocab_errors_are_one_line(captioned_digits, tmp_path):
+    from flows.cli import app
+
+    runner = CliRunner()
+    shards = f"{captioned_digits['root']}/shards/unlabeled"
+    bad = tmp_path / "syn.txt"
+    bad.write_text("seven\n")
+    res = runner.invoke(
+        app, ["vocab", shards, "--size", "5", "--out", str(tmp_path / "v.parquet"),
+              "--synonyms", str(bad)],
+    )  # fmt: skip
+    assert res.exit_code == 1 and "want 'VARIANT" in res.output
+    res = runner.invoke(app, ["vocab", shards, "--size", "0", "--out", str(tmp_path / "v.pq")])
+    assert res.exit_code == 1 and "size" in res.output
+    res = runner.invoke(
+        app, ["vocab", str(tmp_path / "none"), "--size", "5", "--out", str(tmp_path / "v.pq")]
+    )
+    assert res.exit_code == 1 and "error:" in res.output

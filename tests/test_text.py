@@ -55,7 +55,8 @@ def test_batch_tokenize_matches_one_text_at_a_time():
     t = Tokenizer().tokenize(texts)
     assert t.per_text() == [Tokenizer().words(x) for x in texts]
     count, images = t.counts()
-    by_word = dict(zip(t.words, zip(count.tolist(), images.tolist(), strict=True), strict=True))
+    pairs = zip(count.tolist(), images.tolist(), strict=True)
+    by_word = dict(zip(t.words.to_pylist(), pairs, strict=True))
     assert by_word["world"] == (3, 2) and by_word["hello"] == (2, 2)
     assert Tokenizer().tokenize([]).texts == 0
 
@@ -112,3 +113,22 @@ def test_bad_synonym_files_are_one_line_errors(tmp_path, content, message):
 
 def test_stop_words_are_already_normalized():
     assert all(w == Tokenizer(stop_words=()).words(w)[0] for w in STOP_WORDS if w.isalpha())
+
+
+def test_fast_path_agrees_with_the_rules_on_random_chunks():
+    """Plain chunks take Arrow's kernels, the rest :meth:`Tokenizer.chunk_words`: on
+    random chunks the batch result equals the rules applied chunk by chunk."""
+    import random
+
+    from cvpipe.label.text import normalize
+
+    alphabet = list("abcXYZ019_#@'.,:;!?/-") + ["é", "ß", "五", "²", "Ⅻ", "४", "ि", "😀", "ﬁ", "’"]
+    rng = random.Random(0)
+    syn = {"abc": "seven", "7": "seven"}
+    t = Tokenizer(syn)
+    chunks = ["".join(rng.choices(alphabet, k=rng.randint(1, 6))) for _ in range(3000)]
+    chunks += ["http://a.b", "www.x", "@me", "a@b.c", "7", "abc", "x7", "७"]
+    batch = t.tokenize(chunks).per_text()
+    for chunk, got in zip(chunks, batch, strict=True):
+        want = [w for c in normalize(chunk).split() for w in Tokenizer(syn).chunk_words(c)]
+        assert got == want, chunk

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from cvpipe.core import tables
 from cvpipe.core.config import identity_hash
@@ -44,7 +45,8 @@ STAGE = "targets"
 
 def word_lists(tokens: Tokens, vocab: Vocabulary) -> list[list[int]]:
     """Per text, its distinct in-vocabulary word indices, ascending."""
-    to_index = np.array([vocab.index.get(w, -1) for w in tokens.words], np.int64)
+    found = pc.index_in(tokens.words, value_set=vocab.array).fill_null(-1)
+    to_index = found.to_numpy(zero_copy_only=False).astype(np.int64)
     out: list[list[int]] = [[] for _ in range(tokens.texts)]
     if not len(tokens.ids):
         return out

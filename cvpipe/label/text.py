@@ -127,28 +127,35 @@ def sample_text(meta: Mapping[str, Any]) -> str:
 
 @dataclass
 class Tokens:
-    """The words of a batch of texts, as ids into ``words`` (distinct, in first-seen
-    order): occurrence ``j`` is word ``ids[j]`` of text ``owner[j]`` (non-decreasing)."""
+    """The words of a batch of texts, as ids into ``words`` (distinct words of the
+    batch): occurrence ``j`` is word ``ids[j]`` of text ``owner[j]`` (non-decreasing)."""
 
-    words: list[str]
+    words: pa.Array  # string
     ids: np.ndarray  # int64, one per occurrence
     owner: np.ndarray  # int64, the text each occurrence belongs to
     texts: int
 
     def counts(self) -> tuple[np.ndarray, np.ndarray]:
         """Per word: occurrences, and texts holding it at least once."""
-        n = len(self.words)
-        count = np.bincount(self.ids, minlength=n)
-        pairs = np.unique(self.owner * max(n, 1) + self.ids)
-        images = np.bincount(pairs % max(n, 1), minlength=n)
+        n = max(len(self.words), 1)
+        count = np.bincount(self.ids, minlength=len(self.words))
+        pairs = np.sort(self.owner * n + self.ids)
+        first = np.r_[True, pairs[1:] != pairs[:-1]] if len(pairs) else np.zeros(0, bool)
+        images = np.bincount(pairs[first] % n, minlength=len(self.words))
         return count, images
 
     def per_text(self) -> list[list[str]]:
         """Each text's words, in order, repeats kept."""
+        words = self.words.to_pylist()
         out: list[list[str]] = [[] for _ in range(self.texts)]
         for o, i in zip(self.owner.tolist(), self.ids.tolist(), strict=True):
-            out[o].append(self.words[i])
+            out[o].append(words[i])
         return out
+
+
+# Characters that rule 3 strips from the ends of a chunk; a chunk that is one plain word
+# once they are gone (the common case) takes the vectorized path of Tokenizer.tokenize.
+_TRIM = "#_.,;:!?'\"()[]{}<>*~\u2018\u2019\u201c\u201d\u00ab\u00bb\u2026"
 
 
 class Tokenizer:
@@ -165,6 +172,8 @@ class Tokenizer:
         self.stop_words = frozenset(stop_words)
         self.cache_size = cache_size
         self._cache: dict[str, tuple[str, ...]] = {}
+        self._stop_set = pa.array(sorted(self.stop_words), pa.string())
+        self._synonym_set = pa.array(sorted(self.synonyms), pa.string())
 
     def chunk_words(self, chunk: str) -> tuple[str, ...]:
         """Rules 2-5 on one normalized chunk (cached)."""
@@ -183,47 +192,72 @@ class Tokenizer:
 
     def words(self, text: str | None) -> list[str]:
         """One text's words, in order, repeats kept."""
-        if not text:
-            return []
-        return [w for chunk in normalize(text).split() for w in self.chunk_words(chunk)]
+        return self.tokenize([text]).per_text()[0]
+
+    def _chunk_table(self, chunks: pa.Array) -> tuple[np.ndarray, np.ndarray, pa.Array]:
+        """Words of distinct chunks as (chunk index, word index) pairs sorted by chunk,
+        and the distinct words. A chunk that is one plain word once ``_TRIM`` characters
+        are stripped from its ends is decided with Arrow's kernels; the others (URLs,
+        inner punctuation, synonyms, non-ASCII numbers...) go through
+        :meth:`chunk_words`."""
+        core = pc.utf8_trim(chunks, _TRIM)
+        alnum = pc.utf8_is_alnum(core)
+        numeric = pc.utf8_is_numeric(core)
+        synonym = pc.is_in(core, value_set=self._synonym_set)
+        plain = pc.and_(pc.and_not(alnum, synonym), pc.invert(numeric))
+        keep = pc.and_not(plain, pc.is_in(core, value_set=self._stop_set))
+        ascii_number = pc.and_not(
+            pc.and_(pc.and_(alnum, numeric), pc.string_is_ascii(core)), synonym
+        )
+        empty = pc.equal(pc.utf8_length(core), 0)
+        rest = pc.invert(pc.or_(pc.or_(plain, ascii_number), empty))
+        keep_idx = np.flatnonzero(keep.to_numpy(zero_copy_only=False))
+        words = [core.take(pa.array(keep_idx))]
+        owners = [keep_idx]
+        rest_idx = np.flatnonzero(rest.to_numpy(zero_copy_only=False))
+        if len(rest_idx):
+            extra_owner, extra = [], []
+            for i, chunk in zip(rest_idx.tolist(), chunks.take(pa.array(rest_idx)).to_pylist(),
+                                strict=True):  # fmt: skip
+                ws = self.chunk_words(chunk)
+                extra_owner += [i] * len(ws)
+                extra += ws
+            words.append(pa.array(extra, pa.string()))
+            owners.append(np.asarray(extra_owner, np.int64))
+        owner = np.concatenate(owners)
+        order = np.argsort(owner, kind="stable")
+        encoded = pa.concat_arrays(words).take(pa.array(order)).dictionary_encode()
+        return owner[order], encoded.indices.to_numpy().astype(np.int64), encoded.dictionary
 
     def tokenize(self, texts: Sequence[str | None] | pa.Array) -> Tokens:
-        """Every text of a batch at once (see the module docstring for the speed)."""
+        """Every text of a batch at once. Per occurrence the work is Arrow's (lowercase,
+        split, dictionary-encode) and numpy's; Python runs per distinct chunk, and only
+        for chunks that are not plain words."""
         arr = texts if isinstance(texts, pa.Array) else pa.array(texts, pa.string())
-        n_texts = len(arr)
-        if n_texts == 0:
-            return Tokens([], np.zeros(0, np.int64), np.zeros(0, np.int64), 0)
+        empty = Tokens(pa.array([], pa.string()), np.zeros(0, np.int64), np.zeros(0, np.int64),
+                       len(arr))  # fmt: skip
+        if len(arr) == 0:
+            return empty
         ascii_only = pc.string_is_ascii(arr)
         if not pc.all(ascii_only).as_py():  # NFKC changes nothing in ASCII text
             arr = pc.if_else(ascii_only, arr, pc.utf8_normalize(arr, "NFKC"))
         chunks = pc.utf8_split_whitespace(pc.utf8_lower(arr))
         owner = pc.list_parent_indices(chunks).to_numpy().astype(np.int64)
         encoded = pc.list_flatten(chunks).dictionary_encode()
+        if len(encoded) == 0:
+            return empty
         codes = encoded.indices.to_numpy().astype(np.int64)
-        # Distinct chunks -> their words: the only Python loop, once per distinct chunk.
-        words: list[str] = []
-        word_id: dict[str, int] = {}
-        lengths = np.zeros(len(encoded.dictionary), np.int64)
-        flat: list[int] = []
-        for c, chunk in enumerate(encoded.dictionary.to_pylist()):
-            ws = self.chunk_words(chunk)
-            lengths[c] = len(ws)
-            for w in ws:
-                i = word_id.get(w)
-                if i is None:
-                    i = word_id[w] = len(words)
-                    words.append(w)
-                flat.append(i)
-        values = np.asarray(flat, np.int64)
-        starts = np.r_[0, np.cumsum(lengths)[:-1]] if len(lengths) else lengths
+        chunk_of, values, words = self._chunk_table(encoded.dictionary)
+        lengths = np.bincount(chunk_of, minlength=len(encoded.dictionary))
+        starts = np.cumsum(lengths) - lengths
         # Expand each occurrence of a chunk into its words (0, 1 or more).
         n = lengths[codes]
         total = int(n.sum())
         if total == 0:
-            return Tokens(words, np.zeros(0, np.int64), np.zeros(0, np.int64), n_texts)
+            return Tokens(words, empty.ids, empty.owner, len(arr))
         first = np.repeat(starts[codes] - (np.cumsum(n) - n), n)
         ids = values[first + np.arange(total)]
-        return Tokens(words, ids, np.repeat(owner, n), n_texts)
+        return Tokens(words, ids, np.repeat(owner, n), len(arr))
 
 
 def load_synonyms(url: str) -> dict[str, str]:

@@ -94,7 +94,7 @@ def count_texts(texts: Sequence[str | None], tokenizer: Tokenizer, cap: int) -> 
     tokens = tokenizer.tokenize(texts)
     count, images = tokens.counts()
     table = pa.table(
-        {"word": pa.array(tokens.words, pa.string()), "count": count, "images": images},
+        {"word": tokens.words, "count": count, "images": images},
         schema=tables.VOCAB_COUNTS,
     )
     table, dropped = cut(_by_word(table), cap)
@@ -174,6 +174,7 @@ class Vocabulary:
 
     def __post_init__(self) -> None:
         self.index = {w: i for i, w in enumerate(self.words)}
+        self.array = pa.array(self.words, pa.string())
 
     def __len__(self) -> int:
         return len(self.words)

@@ -4,6 +4,7 @@ the Prefect UI (the local SQLite-backed API by default, or PREFECT_API_URL's ser
 from __future__ import annotations
 
 import datetime
+import inspect
 import json
 import os
 import sys
@@ -15,7 +16,11 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 import typer
 from pydantic import ValidationError
 
-from cvpipe.data.images import DEFAULT_MAX_PIXELS
+from cvpipe.data.config import IngestConfig
+from cvpipe.infer.config import InferConfig
+from cvpipe.label.config import AnchorsConfig, LabelConfig, MaterializeConfig, SelectConfig
+from cvpipe.learn.config import TrainConfig
+from flows.cli_models import Spec, config_command
 from flows.cli_weak import register as register_weak
 
 app = typer.Typer(
@@ -42,8 +47,11 @@ def fail(message: str) -> None:
 
 def run_flow(fn: Any, *args: Any, **kwargs: Any) -> Any:
     """Run a flow; turn bad input into a one-line error instead of a traceback."""
+    from flows import local_api
+
     try:
-        return fn(*args, **kwargs)
+        with local_api.api():
+            return fn(*args, **kwargs)
     except ValidationError as e:
         fail(str(e))
     except (ValueError, FileNotFoundError, RuntimeError) as e:
@@ -103,33 +111,32 @@ def datasets_photos(
     typer.echo(run_flow(export_photos_flow, out, count=count, size=size, seed=seed))
 
 
-@app.command()
-def ingest(
-    src: str = typer.Argument(..., help="image folder tree or manifest (.parquet/.jsonl/.csv)"),
-    out: str = typer.Option(..., "--out", help="output root (local path or fsspec URL)"),
-    partition: str = typer.Option(..., "--partition", help="partition name, e.g. 2026-11-25"),
-    shard_size: int = typer.Option(10_000, "--shard-size", help="samples per shard"),
-    name: str = typer.Option("shard", "--name", help="shard file name prefix"),
-    max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", help="pixel cap"),
-    runner: str = RUNNER,
-    workers: int = WORKERS,
-) -> None:
-    """Ingest images into WebDataset shards {out}/shards/{partition}/{name}-NNNNNN.tar."""
-    from cvpipe.data.config import IngestConfig
+def _ingest(config: Any, runner: str, workers: int | None) -> None:
     from flows.ingest import ingest_flow
     from flows.runners import with_runner
 
-    config = parse_config(
-        IngestConfig,
-        source=src,
-        root=out,
-        partition=partition,
-        name=name,
-        shard_size=shard_size,
-        max_pixels=max_pixels,
-    )
     summary = run_flow(with_runner(ingest_flow, runner, workers), config)
-    print_summary(summary, f"ingest {partition}")
+    print_summary(summary, f"ingest {config.partition}")
+
+
+config_command(
+    app,
+    "ingest",
+    Spec(
+        IngestConfig,
+        positional={"source": "image folder tree or manifest (.parquet/.jsonl/.csv)"},
+        aliases={"root": ["--out", "--root"]},
+    ),
+    _ingest,
+    extra=[
+        inspect.Parameter("runner", inspect.Parameter.KEYWORD_ONLY, default=RUNNER, annotation=str),
+        inspect.Parameter(
+            "workers", inspect.Parameter.KEYWORD_ONLY, default=WORKERS, annotation=int | None
+        ),  # fmt: skip
+    ],
+    help="Ingest images into WebDataset shards {out}/shards/{partition}/{name}-NNNNNN.tar.",
+    load_yaml=lambda path: load_yaml(path),
+)
 
 
 @app.command()
@@ -168,137 +175,84 @@ def parse_config(model: Any, **fields: Any) -> Any:
         fail(str(e))
 
 
-@app.command()
-def infer(
-    shards: str = typer.Argument(..., help="shard URL, folder or prefix of shards, or {a..b}"),
-    model: str = typer.Option(..., "--model", help="teacher checkpoint NAME.pt"),
-    out: str = typer.Option(..., "--out", help="writes OUT/predictions/<shard>.parquet"),
-    top_p: int = typer.Option(5, "--top-p", help="classes kept per image"),
-    features: bool = typer.Option(False, "--features", help="also write OUT/features/"),
-    batch_size: int = typer.Option(256, "--batch-size"),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
-    num_workers: int = typer.Option(2, "--num-workers", help="DataLoader workers"),
-    shards_per_unit: int = typer.Option(4, "--shards-per-unit", help="shards per task run"),
-) -> None:
-    """Teacher inference: top-P classes and scores (and embeddings) per image."""
-    from cvpipe.infer.config import InferConfig
-    from flows.teacher import infer_flow
-
-    config = parse_config(
+config_command(
+    app,
+    "infer",
+    Spec(
         InferConfig,
-        shards=shards,
-        checkpoint=model,
-        out=out,
-        top_p=top_p,
-        features=features,
-        batch_size=batch_size,
-        device=device,
-        num_workers=num_workers,
-        shards_per_unit=shards_per_unit,
-    )
-    print_summary(run_flow(infer_flow, config), "infer")
+        positional={"shards": "shard URL, folder or prefix of shards, or {a..b}"},
+        aliases={"checkpoint": ["--model", "--checkpoint"]},
+    ),
+    lambda config: print_summary(run_flow(_flow("teacher", "infer_flow"), config), "infer"),
+    help="Teacher inference: top-P classes and scores (and embeddings) per image.",
+    load_yaml=lambda path: load_yaml(path),
+)
 
 
-@app.command()
-def select(
-    predictions: str = typer.Argument(..., help="folder or prefix of predictions Parquet"),
-    top_p: int = typer.Option(..., "--top-p", help="classes of each image's top-P considered"),
-    top_k: int = typer.Option(..., "--top-k", help="images kept per class"),
-    out: str = typer.Option(..., "--out", help="writes OUT/selection.parquet and a report"),
-    fan_in: int = typer.Option(16, "--fan-in", help="partials merged per reduce task"),
-) -> None:
-    """Top-K images per class among the images whose top-P holds the class."""
-    from cvpipe.label.config import SelectConfig
-    from flows.teacher import select_flow
-
-    config = parse_config(
-        SelectConfig, predictions=predictions, out=out, top_p=top_p, top_k=top_k, fan_in=fan_in
-    )
-    report = run_flow(select_flow, config)
+def _select(config: Any) -> None:
+    report = run_flow(_flow("teacher", "select_flow"), config)
     print_summary({k: v for k, v in report.items() if not isinstance(v, list)}, "selection")
-    typer.echo(f"selection: {out}")
+    typer.echo(f"selection: {config.out}")
 
 
-@app.command()
-def materialize(
-    selection: str = typer.Argument(..., help="selection.parquet written by cvpipe select"),
-    shards: str = typer.Option(..., "--shards", help="the shards the predictions came from"),
-    out: str = typer.Option(..., "--out", help="writes OUT/shards/<partition>/<stem>.tar"),
-    model: str = typer.Option(None, "--model", help="teacher checkpoint, to check provenance"),
-) -> None:
-    """Write the selected images as shards with their pseudo-labels and provenance."""
-    from cvpipe.label.config import MaterializeConfig
-    from flows.teacher import materialize_flow
+config_command(
+    app,
+    "select",
+    Spec(SelectConfig, positional={"predictions": "folder or prefix of predictions Parquet"}),
+    _select,
+    help="Top-K images per class among the images whose top-P holds the class.",
+    load_yaml=lambda path: load_yaml(path),
+)
 
-    config = parse_config(
-        MaterializeConfig, selection=selection, shards=shards, out=out, checkpoint=model
-    )
-    print_summary(run_flow(materialize_flow, config), "materialize")
+config_command(
+    app,
+    "materialize",
+    Spec(
+        MaterializeConfig,
+        positional={"selection": "selection.parquet written by cvpipe select"},
+        aliases={"checkpoint": ["--model", "--checkpoint"]},
+    ),
+    lambda config: print_summary(
+        run_flow(_flow("teacher", "materialize_flow"), config), "materialize"
+    ),
+    help="Write the selected images as shards with their pseudo-labels and provenance.",
+    load_yaml=lambda path: load_yaml(path),
+)
 
-
-@anchors_app.command("build")
-def anchors_build(
-    sources: list[str] = typer.Argument(..., help="NAME=SHARDS, one per anchor dataset"),
-    model: str = typer.Option(..., "--model", help="the reference model checkpoint"),
-    out: str = typer.Option(..., "--out", help="the anchors Parquet to write"),
-    kind: str = typer.Option("mean", "--kind", help="mean | normalized | softmax"),
-    device: str = typer.Option("auto", "--device"),
-    batch_size: int = typer.Option(256, "--batch-size"),
-) -> None:
-    """Summarize each NAME=SHARDS dataset as an anchor (one pass, merged partial sums)."""
-    from cvpipe.label.config import AnchorsConfig
-    from flows.anchors import anchors_build_flow
-
-    pairs = [s.split("=", 1) for s in sources]
-    if any(len(p) != 2 or not p[0] or not p[1] for p in pairs):
-        fail(f"anchor sources must be NAME=SHARDS, got {sources}")
-    if len({p[0] for p in pairs}) != len(pairs):
-        fail("anchor names must be unique")
-    config = parse_config(
+config_command(
+    anchors_app,
+    "build",
+    Spec(
         AnchorsConfig,
-        sources=dict(pairs),
-        checkpoint=model,
-        out=out,
-        kind=kind,
-        device=device,
-        batch_size=batch_size,
-    )
-    print_table(run_flow(anchors_build_flow, config), "anchors")
+        positional={"sources": "NAME=SHARDS, one per anchor dataset"},
+        aliases={"checkpoint": ["--model", "--checkpoint"]},
+    ),
+    lambda config: print_table(run_flow(_flow("anchors", "anchors_build_flow"), config), "anchors"),
+    help="Summarize each NAME=SHARDS dataset as an anchor (one pass, merged partial sums).",
+    load_yaml=lambda path: load_yaml(path),
+)
 
-
-@app.command()
-def label(
-    features: str = typer.Argument(..., help="folder or prefix of features Parquet"),
-    anchors: str = typer.Option(..., "--anchors", help="the anchors Parquet"),
-    method: str = typer.Option(..., "--method", help="nearest | cfa | uniform | random | vanilla"),
-    n: int = typer.Option(1, "--n", help="Nearest-N"),
-    metric: str = typer.Option("cosine", "--metric", help="cosine | l2 | kl"),
-    out: str = typer.Option(..., "--out", help="writes OUT/<shard>.parquet"),
-    unordered: bool = typer.Option(False, "--unordered", help="Nearest-N as a set"),
-    n_labels: int = typer.Option(None, "--n-labels", help="uniform/random: labels wanted"),
-    truth: str = typer.Option(None, "--truth", help="vanilla: ingest root with index/"),
-    model: str = typer.Option(None, "--model", help="reference model, for softmax anchors"),
-    seed: int = typer.Option(0, "--seed"),
-) -> None:
-    """Anchor-distance pseudo-labels for every image of a features set."""
-    from cvpipe.label.config import LabelConfig
-    from flows.anchors import label_flow
-
-    config = parse_config(
+config_command(
+    app,
+    "label",
+    Spec(
         LabelConfig,
-        features=features,
-        anchors=anchors,
-        out=out,
-        method=method,
-        n=n,
-        metric=metric,
-        ordered=not unordered,
-        n_labels=n_labels,
-        truth=truth,
-        checkpoint=model,
-        seed=seed,
-    )
-    print_summary(run_flow(label_flow, config), f"labels ({method})")
+        positional={"features": "folder or prefix of features Parquet"},
+        aliases={"checkpoint": ["--model", "--checkpoint"], "ordered": ["--ordered/--unordered"]},
+    ),
+    lambda config: print_summary(
+        run_flow(_flow("anchors", "label_flow"), config), f"labels ({config.method})"
+    ),
+    help="Anchor-distance pseudo-labels for every image of a features set.",
+    load_yaml=lambda path: load_yaml(path),
+)
+
+
+def _flow(module: str, name: str) -> Any:
+    """A flow function, imported when a command runs (importing Prefect costs seconds)."""
+    import importlib
+
+    return getattr(importlib.import_module(f"flows.{module}"), name)
 
 
 def load_yaml(path: str) -> dict[str, Any]:
@@ -379,88 +333,94 @@ def train_config(config: str | None, **fields: Any) -> Any:
     )
 
 
-def parse_multipliers(items: list[str] | None) -> dict[str, float] | None:
-    if not items:
-        return None
-    out = {}
-    for item in items:
-        name, _, value = item.partition("=")
-        try:
-            out[name] = float(value)
-        except ValueError:
-            fail(f"--lr-mult takes STAGE=FACTOR, got {item!r}")
-    return out
-
-
 TRAIN_CONFIG = typer.Option(None, "--config", help="TrainConfig YAML; flags override it")
+_KW = inspect.Parameter.KEYWORD_ONLY
+_POS = inspect.Parameter.POSITIONAL_OR_KEYWORD
+_TRAIN_SPEC = Spec(
+    TrainConfig,
+    aliases={
+        "freeze_stages": ["--freeze", "--freeze-stages"],
+        "lr_multipliers": ["--lr-mult", "--lr-multipliers"],
+        "new_head": ["--new-head/--keep-head"],
+    },
+)
 
 
-@app.command()
-def train(
-    shards: str = typer.Argument(..., help="labeled training shards"),
-    out: str = typer.Option(..., "--out", help="checkpoints, metrics and final.pt go here"),
-    config: str = TRAIN_CONFIG,
-    arch: str = typer.Option(None, "--arch"),
-    epochs: int = typer.Option(None, "--epochs"),
-    batch_size: int = typer.Option(None, "--batch-size"),
-    lr: float = typer.Option(None, "--lr"),
-    input_size: int = typer.Option(None, "--input-size"),
-    seed: int = typer.Option(None, "--seed"),
-    device: str = typer.Option(None, "--device"),
-    test: str = typer.Option(None, "--test", help="labeled shards to evaluate on"),
-) -> None:
-    """Train a classifier from scratch on shards (resumes after a crash)."""
-    from flows.training import train_flow
-
-    cfg = train_config(
-        config,
-        arch=arch,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        input_size=input_size,
-        seed=seed,
-        device=device,
-    )
-    print_summary(run_flow(train_flow, cfg, shards, out, test), "train")
+def _train(config: Any, shards: str, out: str, test: str | None) -> None:
+    print_summary(run_flow(_flow("training", "train_flow"), config, shards, out, test), "train")
 
 
-@app.command()
-def finetune(
-    shards: str = typer.Argument(..., help="labeled shards of the target task"),
-    init: str = typer.Option(..., "--from", help="the checkpoint to start from"),
-    out: str = typer.Option(..., "--out"),
-    config: str = TRAIN_CONFIG,
-    freeze: int = typer.Option(None, "--freeze", help="freeze the first N named stages"),
-    copy_stages: int = typer.Option(None, "--copy-stages", help="copy only the first N"),
-    lr_mult: list[str] = typer.Option(None, "--lr-mult", help="STAGE=FACTOR, repeatable"),
-    new_head: bool = typer.Option(None, "--new-head/--keep-head"),
-    arch: str = typer.Option(None, "--arch"),
-    epochs: int = typer.Option(None, "--epochs"),
-    lr: float = typer.Option(None, "--lr"),
-    input_size: int = typer.Option(None, "--input-size"),
-    seed: int = typer.Option(None, "--seed"),
-    device: str = typer.Option(None, "--device"),
-    test: str = typer.Option(None, "--test", help="labeled shards to evaluate on"),
-) -> None:
-    """Fine-tune a checkpoint on new labels (head replaced for a new class set)."""
+config_command(
+    app,
+    "train",
+    _TRAIN_SPEC,
+    _train,
+    extra=[
+        inspect.Parameter(
+            "shards",
+            _KW,
+            annotation=str,
+            default=typer.Option(..., "--shards", help="labeled training shards"),
+        ),
+        inspect.Parameter(
+            "out",
+            _KW,
+            annotation=str,
+            default=typer.Option(..., "--out", help="checkpoints, metrics and final.pt go here"),
+        ),
+        inspect.Parameter(
+            "test",
+            _KW,
+            annotation=str | None,
+            default=typer.Option(None, "--test", help="labeled test shards"),
+        ),
+    ],  # fmt: skip
+    help="Train a classifier from scratch on shards (resumes after a crash).",
+    load_yaml=lambda path: load_yaml(path),
+)
+
+
+def _finetune(config: Any, shards: str, init: str, out: str, test: str | None) -> None:
     from cvpipe.models import load_info
-    from flows.training import train_flow
 
-    cfg = train_config(
-        config,
-        arch=arch or load_info(init).arch,
-        epochs=epochs,
-        lr=lr,
-        input_size=input_size,
-        seed=seed,
-        device=device,
-        freeze_stages=freeze,
-        copy_stages=copy_stages,
-        lr_multipliers=parse_multipliers(lr_mult),
-        new_head=new_head,
+    if "arch" not in config.model_fields_set:  # the checkpoint's architecture by default
+        config = parse_config(
+            TrainConfig, **{**config.model_dump(exclude_unset=True), "arch": load_info(init).arch}
+        )
+    print_summary(
+        run_flow(_flow("training", "train_flow"), config, shards, out, test, init), "finetune"
     )
-    print_summary(run_flow(train_flow, cfg, shards, out, test, init), "finetune")
+
+
+config_command(
+    app,
+    "finetune",
+    _TRAIN_SPEC,
+    _finetune,
+    extra=[
+        inspect.Parameter(
+            "shards",
+            _KW,
+            annotation=str,
+            default=typer.Option(..., "--shards", help="labeled shards of the target task"),
+        ),
+        inspect.Parameter(
+            "init",
+            _KW,
+            annotation=str,
+            default=typer.Option(..., "--from", help="the checkpoint to start from"),
+        ),
+        inspect.Parameter("out", _KW, annotation=str, default=typer.Option(..., "--out")),
+        inspect.Parameter(
+            "test",
+            _KW,
+            annotation=str | None,
+            default=typer.Option(None, "--test", help="labeled test shards"),
+        ),
+    ],  # fmt: skip
+    help="Fine-tune a checkpoint on new labels (head replaced for a new class set).",
+    load_yaml=lambda path: load_yaml(path),
+)
 
 
 @app.command()
@@ -517,8 +477,15 @@ register_weak(app)  # vocab, train-weak, words (flows/cli_weak.py)
 
 
 def main() -> None:
+    from flows import local_api
+
+    wants_help = len(sys.argv) < 2 or any(a in ("--help", "-h") for a in sys.argv[1:])
     try:
-        app()
+        if wants_help:
+            app()
+        else:
+            with local_api.owned_api():  # started now, ready when the first flow runs
+                app()
     except KeyboardInterrupt:
         sys.exit(130)
 

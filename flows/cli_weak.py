@@ -1,35 +1,39 @@
 """The weak-supervision commands of ``cvpipe``: ``vocab``, ``train-weak``, ``words``.
-:func:`register` adds them to the main app (flows/cli.py)."""
+:func:`register` adds them to the main app (flows/cli.py); flags come from the config
+models (flows/cli_models.py)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import typer
 
+from cvpipe.label.config import VocabConfig
+from flows.cli_models import Spec, config_command
 
-def vocab(
-    shards: str = typer.Argument(..., help="captioned shards (URL, folder, prefix or {a..b})"),
-    size: int = typer.Option(..., "--size", help="V: the most frequent words kept"),
-    out: str = typer.Option(..., "--out", help="the vocabulary Parquet to write"),
-    min_count: int = typer.Option(1, "--min-count", help="leave out rarer words"),
-    synonyms: str = typer.Option(None, "--synonyms", help="file of VARIANT, ... => CANONICAL"),
-    fan_in: int = typer.Option(16, "--fan-in", help="partials merged per merge unit"),
-    partial_cap: int = typer.Option(1 << 20, "--partial-cap", help="most words per partial"),
-) -> None:
-    """The vocabulary of captions and hashtags: counted per shard, merged as a tree."""
-    from cvpipe.label.config import VocabConfig
+
+def _load_yaml(path: str) -> dict[str, Any]:
+    from flows.cli import load_yaml
+
+    return load_yaml(path)
+
+
+def _vocab(config: VocabConfig) -> None:
     from cvpipe.label.vocab import vocab_markdown
-    from flows.cli import parse_config, print_summary, run_flow
+    from flows.cli import print_summary, run_flow
     from flows.weak import vocab_flow
 
-    config = parse_config(
-        VocabConfig, shards=shards, out=out, size=size, min_count=min_count,
-        synonyms=synonyms, fan_in=fan_in, partial_cap=partial_cap,
-    )  # fmt: skip
-    summary = run_flow(vocab_flow, config)
-    print_summary(summary, "vocab")
-    typer.echo(vocab_markdown(out, top=10))
+    print_summary(run_flow(vocab_flow, config), "vocab")
+    typer.echo(vocab_markdown(config.out, top=10))
 
 
 def register(app: typer.Typer) -> None:
     """Add the weak-supervision commands to ``app``."""
-    app.command("vocab")(vocab)
+    config_command(
+        app,
+        "vocab",
+        Spec(VocabConfig, positional={"shards": "captioned shards (URL, folder, {a..b})"}),
+        _vocab,
+        help="The vocabulary of captions and hashtags: counted per shard, merged as a tree.",
+        load_yaml=_load_yaml,
+    )

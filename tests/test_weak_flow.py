@@ -77,7 +77,7 @@ def test_cli_vocab_errors_are_one_line(captioned_digits, tmp_path):
     )  # fmt: skip
     assert res.exit_code == 1 and "want 'VARIANT" in res.output
     res = runner.invoke(app, ["vocab", shards, "--size", "0", "--out", str(tmp_path / "v.pq")])
-    assert res.exit_code == 1 and "size" in res.output
+    assert res.exit_code == 2 and "--size" in res.output
     res = runner.invoke(
         app, ["vocab", str(tmp_path / "none"), "--size", "5", "--out", str(tmp_path / "v.pq")]
     )

@@ -1,6 +1,6 @@
 """Every location is an fsspec URL; outputs are published atomically.
 
-The commit protocol (DESIGN.md, "Data contracts"):
+The commit protocol (docs/ARCHITECTURE.md, "Commit protocol"):
 - on a filesystem with atomic rename (local disk) a file is written under a hidden temp
   name in its destination folder and renamed into place: the rename is the commit;
 - on an object store (s3://, memory://, ...) the object is written under its final name

@@ -312,6 +312,17 @@ SSL_RUNS = pa.schema(
     ]
 )
 
+# Samples of one shard and how many carry their true label (cvpipe/label/materialize.py
+# LabelCheckStage): one row per shard, summed by the flow into counts and precision.
+LABEL_CHECK = pa.schema(
+    [
+        ("shard", pa.string()),
+        ("samples", pa.int64()),
+        ("checked", pa.int64()),  # samples with a known true label
+        ("right", pa.int64()),  # ... whose label is that true label
+    ]
+)
+
 
 # Weak supervision from captions and hashtags (cvpipe/label/vocab.py, targets.py).
 

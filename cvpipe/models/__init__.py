@@ -14,7 +14,7 @@ from cvpipe.models.checkpoints import (
     save_checkpoint,
     sidecar_url,
 )
-from cvpipe.models.device import cpu_threads, resolve_device
+from cvpipe.models.device import DeviceError, cpu_threads, resolve_device
 from cvpipe.models.nets import (
     ARCHITECTURES,
     IMAGENET_MEAN,
@@ -33,6 +33,7 @@ __all__ = [
     "Architecture",
     "CheckpointError",
     "Classifier",
+    "DeviceError",
     "ModelInfo",
     "SmallCNN",
     "build",

@@ -16,12 +16,14 @@ from typing import Any
 
 import torch
 
+from cvpipe.core.stage import PermanentError
 from cvpipe.core.storage import is_committed, open_atomic, read_bytes
 from cvpipe.models.nets import IMAGENET_MEAN, IMAGENET_STD, Classifier, build
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, corrupt, or does not fit its architecture."""
+class CheckpointError(PermanentError, ValueError):
+    """A checkpoint that is missing, corrupt, or does not fit its architecture: a retry
+    cannot fix it (a PermanentError, so a stage unit that meets it is not retried)."""
 
 
 @dataclass

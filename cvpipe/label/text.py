@@ -22,10 +22,13 @@ The rules, in the order they apply to a sample's text (its ``caption`` followed 
 A sample's words keep their repeats (vocabulary counts occurrences); targets use the
 distinct ones. Empty or missing text gives no word.
 
-Speed: a batch of texts is split and dictionary-encoded with Arrow's kernels, so the
-per-occurrence work runs in C; rules 2-5 run in Python once per *distinct* chunk of the
-batch and are cached across batches (:class:`Tokenizer` keeps up to ``cache_size``
-chunks, then starts a fresh cache: memory stays bounded on any corpus).
+Speed: a batch of texts is lowercased, split and dictionary-encoded with Arrow's
+kernels, so the per-occurrence work runs in C. Each *distinct* chunk is then decided
+once: a chunk that is one plain word once punctuation is trimmed from its ends (the
+common case) by Arrow's kernels too; the rest (URLs, inner punctuation, synonyms,
+non-ASCII numbers) by :meth:`Tokenizer.chunk_words` in Python, cached across batches
+(up to ``cache_size`` chunks, then a fresh cache: memory stays bounded on any corpus).
+Both paths give the same words (a test compares them on random chunks).
 """
 
 from __future__ import annotations

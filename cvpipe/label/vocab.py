@@ -225,9 +225,6 @@ class CountStats:
     rejects: Counter = field(default_factory=Counter)
     skipped: bool = False
 
-    def to_dict(self) -> dict[str, Any]:
-        return {**self.__dict__, "rejects": dict(self.rejects)}
-
 
 class _VocabStage(Stage[VocabConfig, Any]):
     """What the three vocabulary stages share: the shard list, the synonyms and where

@@ -81,3 +81,21 @@ def test_rejects_reach_the_main_process_in_order(digits_shards, tmp_path):
         runs.append([(b.keys, [r["key"] for r in b.rejects]) for b in batches])
     assert runs[0] == runs[1]
     assert [r for _, rejects in runs[0] for r in rejects] == ["broken"]
+
+
+def test_training_weights_do_not_depend_on_loader_workers(digits_shards, tmp_path):
+    """Same seed and streams, 0 or 2 loader workers: the same weights, bit for bit."""
+    import torch
+
+    from cvpipe import models
+    from cvpipe.learn import training
+    from cvpipe.learn.config import TrainConfig
+
+    weights = []
+    for workers in (0, 2):
+        cfg = TrainConfig(epochs=1, batch_size=32, input_size=16, cpu_threads=1,
+                          num_streams=2, num_workers=workers, shuffle_buffer=64)  # fmt: skip
+        final = training.train(cfg, digits_shards["labeled"], str(tmp_path / f"w{workers}"))
+        weights.append(models.load_checkpoint(final)[0].state_dict())
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

@@ -324,6 +324,16 @@ LABEL_CHECK = pa.schema(
 )
 
 
+# Training metrics of any task (cvpipe/learn/loop.py): one row per epoch and split, the
+# task's metrics between the loss and the throughput. Classification's is METRICS.
+def metrics_schema(metric_names: tuple[str, ...] | list[str]) -> pa.Schema:
+    return pa.schema(
+        [("epoch", pa.int32()), ("split", pa.string()), ("loss", pa.float64())]
+        + [(name, pa.float64()) for name in metric_names]
+        + [("images_per_s", pa.float64())]
+    )
+
+
 # Weak supervision from captions and hashtags (cvpipe/label/vocab.py, targets.py).
 
 # A map-side partial of the vocabulary (one shard, or a merge of partials): words

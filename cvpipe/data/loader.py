@@ -9,8 +9,10 @@ a DataLoader with workers still reports every reject to the main process, where
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,6 +58,9 @@ class ShardDataset(IterableDataset):
       ``num_streams`` give the same order; memory does not depend on the corpus size.
     - ``classes`` maps the sample json's ``label`` string to an index; samples whose
       label is missing (or not in ``classes``) get ``UNKNOWN_LABEL``.
+    - ``sample_fn``, when given, makes each item from the decoded Sample instead (image
+      and targets together, e.g. boxes that must follow the image's transforms); the
+      item gets ``key`` and ``shard`` added, and ``transform`` is not used.
     """
 
     def __init__(
@@ -72,6 +77,7 @@ class ShardDataset(IterableDataset):
         max_pixels: int = images.DEFAULT_MAX_PIXELS,
         label_field: str = "label",
         num_streams: int = 1,
+        sample_fn: Callable[[Sample], dict[str, Any]] | None = None,
     ) -> None:
         super().__init__()
         if num_streams < 1:
@@ -87,6 +93,7 @@ class ShardDataset(IterableDataset):
         self.max_pixels = max_pixels
         self.label_field = label_field
         self.num_streams = num_streams
+        self.sample_fn = sample_fn
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -113,9 +120,27 @@ class ShardDataset(IterableDataset):
                 yield self._sample(item)
 
     def _sample(self, s: Sample) -> dict[str, Any]:
+        with self._sample_rng(s.key):
+            if self.sample_fn is not None:
+                return {**self.sample_fn(s), "key": s.key, "shard": s.shard}
+            image = self.transform(s.image)
         label = s.meta.get(self.label_field)
         index = self.class_index.get(str(label), UNKNOWN_LABEL) if label is not None else -1
-        return {"image": self.transform(s.image), "label": index, "key": s.key, "shard": s.shard}
+        return {"image": image, "label": index, "key": s.key, "shard": s.shard}
+
+    @contextlib.contextmanager
+    def _sample_rng(self, key: str) -> Iterator[None]:
+        """Random augmentations of a sample drawn from its own seed (seed, epoch, key):
+        they then do not depend on the worker that made the sample or on what it made
+        before. The process's torch RNG is left as it was."""
+        state = torch.get_rng_state()
+        torch.manual_seed(
+            zlib.crc32(key.encode()) ^ ((self.seed * 1_000_003 + self.epoch) & 0xFFFFFFFF)
+        )
+        try:
+            yield
+        finally:
+            torch.set_rng_state(state)
 
     def stream(self, s: int) -> Iterator[dict[str, Any]]:
         """The items of stream ``s``: its shards in turn, through its shuffle buffer."""

@@ -22,6 +22,7 @@ from cvpipe.label.config import AnchorsConfig, LabelConfig, MaterializeConfig, S
 from cvpipe.learn.config import TrainConfig
 from flows.cli_models import Spec, config_command
 from flows.cli_weak import register as register_weak
+from flows.cli_weak import run_weak_demo, run_weak_teacher
 
 app = typer.Typer(
     help="cvpipe: web-scale images in, labeled data and trained models out.",
@@ -288,7 +289,7 @@ def run_semi_supervised(config: Any) -> None:
     typer.echo(f"results: {config.root}/results.parquet, {config.root}/results.md")
 
 
-EXPERIMENTS = ("semi_supervised", "anchor_transfer")
+EXPERIMENTS = ("semi_supervised", "anchor_transfer", "weak_teacher")
 
 
 @app.command()
@@ -308,6 +309,8 @@ def run(
         raw["root"] = root
     if kind == "anchor_transfer":
         run_anchor_transfer(parse_config(AnchorTransferConfig, **raw))
+    elif kind == "weak_teacher":
+        run_weak_teacher(raw)
     else:
         run_semi_supervised(parse_config(SemiSupervisedConfig, **raw))
 
@@ -449,6 +452,7 @@ def demo(
     out: str = typer.Option("demo", "--out", help="output folder of the demo"),
     seeds: int = typer.Option(None, "--seeds", help="run only the first N seeds"),
     anchors: bool = typer.Option(True, "--anchors/--no-anchors", help="the anchor part too"),
+    weak: bool = typer.Option(True, "--weak/--no-weak", help="the weak-label part too"),
 ) -> None:
     """The demo on the bundled digits: the semi-supervised experiment
     (flows/examples/demo.yaml), then anchor pseudo-labels and their transfer table
@@ -471,6 +475,8 @@ def demo(
                 str(examples / "anchors.yaml"), AnchorTransferConfig, root=join(out, "anchors")
             )
         )
+    if weak:
+        run_weak_demo(join(out, "weak"))
 
 
 register_weak(app)  # vocab, train-weak, words (flows/cli_weak.py)

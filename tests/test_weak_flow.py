@@ -82,3 +82,41 @@ def test_cli_vocab_errors_are_one_line(captioned_digits, tmp_path):
         app, ["vocab", str(tmp_path / "none"), "--size", "5", "--out", str(tmp_path / "v.pq")]
     )
     assert res.exit_code == 1 and "error:" in res.output
+
+
+def test_cli_train_weak_and_words_on_the_bundled_digits(captioned_digits):
+    from flows.cli import app
+
+    runner = CliRunner()
+    d = captioned_digits
+    vocab = str(d["base"] / "vocab_words.parquet")
+    res = runner.invoke(
+        app,
+        ["vocab", f"{d['root']}/shards/unlabeled", "--size", "64", "--out", vocab,
+         "--synonyms", f"{d['png']}/captions/synonyms.txt"],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    out = str(d["base"] / "weak")
+    args = ["train-weak", f"{d['root']}/shards/unlabeled", "--vocab", vocab, "--out", out,
+            "--test", f"{d['root']}/shards/test", "--epochs", "4", "--input-size", "16",
+            "--batch-size", "64", "--lr", "0.1", "--device", "cpu", "--cpu-threads", "1",
+            "--show", "seven", "--show", "odd", "--top-images", "4"]  # fmt: skip
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "| frequency baseline |" in res.output
+    precision = {r["method"]: r for r in tables.read_parquet(f"{out}/eval/word_precision.parquet")
+                 .to_pylist()}  # fmt: skip
+    # Even 4 epochs beat always predicting the most frequent words.
+    assert precision["model"]["p_at_1"] > precision["frequency baseline"]["p_at_1"]
+    tops = tables.read_parquet(f"{out}/eval/top_images.parquet").to_pylist()
+    assert {r["word"] for r in tops} == {"seven", "odd"} and max(r["rank"] for r in tops) == 4
+    assert storage.read_bytes(f"{out}/eval/top_images.png")[:4] == b"\x89PNG"
+
+    again = runner.invoke(app, args)  # committed: read back, nothing retrained
+    assert again.exit_code == 0 and "| frequency baseline |" in again.output
+
+    res = runner.invoke(app, ["words", f"{out}/final.pt", "--query", "#Sept", "-k", "3"])
+    assert res.exit_code == 0, res.output
+    assert "nearest words to '#Sept'" in res.output
+    res = runner.invoke(app, ["words", f"{out}/final.pt", "--query", "zebra"])
+    assert res.exit_code == 1 and "not in the vocabulary" in res.output

@@ -16,9 +16,10 @@ from cvpipe.learn.tasks.classification import ClassificationTask
 from cvpipe.learn.tasks.contrastive import ContrastiveTask
 from cvpipe.learn.tasks.detection import DetectionTask
 from cvpipe.learn.tasks.multilabel import MultiLabelTask
+from cvpipe.learn.tasks.weak import WeakTask
 
 AnyTask = Annotated[
-    ClassificationTask | MultiLabelTask | DetectionTask | ContrastiveTask,
+    ClassificationTask | MultiLabelTask | DetectionTask | ContrastiveTask | WeakTask,
     Field(discriminator="kind"),
 ]
 
@@ -30,6 +31,7 @@ __all__ = [
     "DetectionTask",
     "Meter",
     "MultiLabelTask",
+    "WeakTask",
     "TaskBatch",
     "TrainTask",
 ]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
@@ -39,21 +40,25 @@ from cvpipe.models import ModelInfo
 
 class SampleTargets:
     """A ShardDataset ``sample_fn``: the image through ``transform`` and the sample's
-    word indices from its shard's targets table. One table is held at a time: a
-    loader stream reads whole shards in turn."""
+    word indices from its shard's targets table. A few tables are held (the shards the
+    loader's streams are reading, each in turn), the least recently used dropped."""
 
-    def __init__(self, folder: str, transform: Any) -> None:
-        self.folder, self.transform = folder, transform
-        self.shard: str | None = None
-        self.table: dict[str, tuple[list[int], float]] = {}
+    def __init__(self, folder: str, transform: Any, keep: int = 16) -> None:
+        self.folder, self.transform, self.keep = folder, transform, keep
+        self.tables: OrderedDict[str, dict[str, tuple[list[int], float]]] = OrderedDict()
 
     def lookup(self, s: Sample) -> tuple[list[int], float]:
-        if s.shard != self.shard:
+        table = self.tables.get(s.shard)
+        if table is None:
             url = targets_url(self.folder, s.shard)
             if not is_committed(url):
                 raise TrainingError(f"no word targets for shard {s.shard} ({url}): run targets")
-            self.table, self.shard = read_targets(url), s.shard
-        return self.table.get(s.key, ([], 0.0))
+            table = self.tables[s.shard] = read_targets(url)
+            if len(self.tables) > self.keep:
+                self.tables.popitem(last=False)
+        else:
+            self.tables.move_to_end(s.shard)
+        return table.get(s.key, ([], 0.0))
 
     def __call__(self, s: Sample) -> dict[str, Any]:
         return {"image": self.transform(s.image), "words": self.lookup(s)[0]}

@@ -49,8 +49,10 @@ def vocab_flow(config: VocabConfig) -> dict[str, Any]:
         config.out, facts["words"], facts["distinct_words"], len(levels), facts["error_bound"],
     )  # fmt: skip
     result = {**summary, **facts}
-    publish_table(summary_rows(result), "vocab-summary", f"Vocabulary `{config.out}`")
-    publish_markdown(vocab_markdown(config.out), "vocab", f"The head of `{config.out}`")
+    publish_table(summary_rows(result), "vocab-summary", f"Vocabulary `{config.out}`",
+                  location=config.out)  # fmt: skip
+    publish_markdown(vocab_markdown(config.out), "vocab", f"The head of `{config.out}`",
+                     location=config.out)  # fmt: skip
     return result
 
 
@@ -59,7 +61,8 @@ def targets_flow(config: TargetsConfig) -> dict[str, Any]:
     """Every shard's word targets over the vocabulary (one task run per shard)."""
     stage = TargetsStage(config)
     summary = stage.summarize(run_units(stage, what="word targets"))
-    publish_table(summary_rows(summary), "word-targets-summary", f"Word targets `{config.out}`")
+    publish_table(summary_rows(summary), "word-targets-summary", f"Word targets `{config.out}`",
+                  location=config.out)  # fmt: skip
     return summary
 
 
@@ -81,13 +84,13 @@ def train_weak_flow(config: WeakTrainConfig) -> dict[str, Any]:
         raise ValueError(f"vocabulary {config.vocab} is empty: nothing to predict")
     train, val, test = _urls(config.shards), _urls(config.val), _urls(config.test)
     targets_dir = join(config.out, "targets")
+    every = list(dict.fromkeys([*train, *val, *test]))  # a shard listed twice: once
     targeting = TargetsStage(
-        TargetsConfig(shards=[*train, *val, *test], vocab=config.vocab, out=targets_dir,
-                      resample=config.resample)
-    )  # fmt: skip
+        TargetsConfig(shards=every, vocab=config.vocab, out=targets_dir, resample=config.resample)
+    )
     stats = run_units(targeting, what="word targets")
     summary = targeting.summarize(stats)
-    on_train = stats[: len(train)]
+    on_train = stats[: len(train)]  # train comes first, without repeats
     with_words = sum(s.with_words for s in on_train)
     scale = (
         resample_scale(with_words, sum(s.weight_sum for s in on_train))
@@ -124,10 +127,12 @@ def train_weak_flow(config: WeakTrainConfig) -> dict[str, Any]:
         )  # fmt: skip
         result["precision"] = scores["precision"]
         result["markdown"] = scores["markdown"]
-        publish_markdown(scores["markdown"], "word-precision", f"Word prediction of `{config.out}`")
+        publish_markdown(scores["markdown"], "word-precision",
+                         f"Word prediction of `{config.out}`", location=config.out)  # fmt: skip
         publish_table(
             tables.read_parquet(scores["top_images"]).to_pylist(),
             "word-top-images", f"Top-scoring held-out images per word, `{config.out}`",
+            location=config.out,
         )  # fmt: skip
     return result
 
@@ -140,7 +145,8 @@ def words_flow(checkpoint: str, query: str, k: int = 10) -> list[dict[str, Any]]
         {"rank": i + 1, "word": w, "cosine": round(c, 4)}
         for i, (w, c) in enumerate(nearest_words(checkpoint, query, k))
     ]
-    publish_table(rows, f"words-{query}", f"Nearest words to `{query}` in `{checkpoint}`")
+    publish_table(rows, f"words-{query}", f"Nearest words to `{query}` in `{checkpoint}`",
+                  location=checkpoint)  # fmt: skip
     return rows
 
 

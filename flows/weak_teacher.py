@@ -121,6 +121,8 @@ def weak_teacher_flow(config: WeakTeacherConfig) -> dict[str, Any]:
                           for r in precision], tables.WORD_PRECISION),
         storage.join(config.root, "word_precision.parquet"), lineage,
     )  # fmt: skip
-    publish_markdown(comparison, "weak-teacher", "Teacher from scratch vs weak initialization")
-    publish_markdown(words, "weak-word-precision", "Word prediction of the weak models")
+    publish_markdown(comparison, "weak-teacher", "Teacher from scratch vs weak initialization",
+                     location=config.root)  # fmt: skip
+    publish_markdown(words, "weak-word-precision", "Word prediction of the weak models",
+                     location=config.root)  # fmt: skip
     return {"comparison": comparison, "word_precision": words, "rows": rows}

@@ -120,3 +120,17 @@ def test_cli_train_weak_and_words_on_the_bundled_digits(captioned_digits):
     assert "nearest words to '#Sept'" in res.output
     res = runner.invoke(app, ["words", f"{out}/final.pt", "--query", "zebra"])
     assert res.exit_code == 1 and "not in the vocabulary" in res.output
+
+
+@pytest.mark.slow
+def test_weak_demo_flow(prefect_harness, tmp_path):
+    from flows.weak import DEMO_WORDS, weak_demo_flow
+
+    out = str(tmp_path / "weak")
+    result = weak_demo_flow(out, epochs=2)
+    assert "| frequency baseline |" in result["markdown"]
+    assert [r["rank"] for r in result["nearest_seven"]] == [1, 2, 3, 4, 5]
+    assert "seven" not in {r["word"] for r in result["nearest_seven"]}
+    tops = tables.read_parquet(f"{out}/model/eval/top_images.parquet").to_pylist()
+    assert {r["word"] for r in tops} == set(DEMO_WORDS)
+    assert storage.read_bytes(f"{out}/model/eval/top_images.png")[:4] == b"\x89PNG"

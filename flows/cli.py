@@ -21,6 +21,8 @@ from cvpipe.infer.config import InferConfig
 from cvpipe.label.config import AnchorsConfig, LabelConfig, MaterializeConfig, SelectConfig
 from cvpipe.learn.config import TrainConfig
 from flows.cli_models import Spec, config_command
+from flows.cli_weak import register as register_weak
+from flows.cli_weak import run_weak_demo, run_weak_teacher
 
 app = typer.Typer(
     help="cvpipe: web-scale images in, labeled data and trained models out.",
@@ -83,12 +85,17 @@ def datasets_digits(
     split: str = typer.Option(
         None, help="e.g. labeled=0.1,unlabeled=0.6,test=0.3 (stratified, seeded)"
     ),
-    seed: int = typer.Option(0, help="seed of the split"),
+    seed: int = typer.Option(0, help="seed of the split (and of the captions)"),
+    captions: bool = typer.Option(False, "--captions", help="also SYNTHETIC caption manifests"),
+    caption_q: float = typer.Option(0.6, "--caption-q", help="P(a caption names the digit)"),
 ) -> None:
     """scikit-learn's 1,797 real handwritten digits as an image-folder tree."""
     from flows.datasets import export_digits_flow
 
-    counts = run_flow(export_digits_flow, out, size=size, split=split, seed=seed)
+    counts = run_flow(
+        export_digits_flow, out, size=size, split=split, seed=seed, captions=captions,
+        caption_q=caption_q,
+    )  # fmt: skip
     typer.echo(json.dumps(counts))
 
 
@@ -319,7 +326,7 @@ def run_semi_supervised(config: Any) -> None:
     typer.echo(f"results: {config.root}/results.parquet, {config.root}/results.md")
 
 
-EXPERIMENTS = ("semi_supervised", "anchor_transfer")
+EXPERIMENTS = ("semi_supervised", "anchor_transfer", "weak_teacher")
 
 
 @app.command()
@@ -339,6 +346,8 @@ def run(
         raw["root"] = root
     if kind == "anchor_transfer":
         run_anchor_transfer(parse_config(AnchorTransferConfig, **raw))
+    elif kind == "weak_teacher":
+        run_weak_teacher(raw)
     else:
         run_semi_supervised(parse_config(SemiSupervisedConfig, **raw))
 
@@ -535,6 +544,7 @@ def demo(
     out: str = typer.Option("demo", "--out", help="output folder of the demo"),
     seeds: int = typer.Option(None, "--seeds", help="run only the first N seeds"),
     anchors: bool = typer.Option(True, "--anchors/--no-anchors", help="the anchor part too"),
+    weak: bool = typer.Option(True, "--weak/--no-weak", help="the weak-label part too"),
 ) -> None:
     """The demo on the bundled digits: the semi-supervised experiment
     (flows/examples/demo.yaml), then anchor pseudo-labels and their transfer table
@@ -557,6 +567,11 @@ def demo(
                 str(examples / "anchors.yaml"), AnchorTransferConfig, root=join(out, "anchors")
             )
         )
+    if weak:
+        run_weak_demo(join(out, "weak"))
+
+
+register_weak(app)  # vocab, train-weak, words (flows/cli_weak.py)
 
 
 from flows.retry_rejects import retry_rejects  # noqa: E402 (commands in modules of their own)

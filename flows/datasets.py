@@ -7,17 +7,26 @@ import os
 from prefect import flow, get_run_logger
 
 from cvpipe.data import datasets
+from cvpipe.data.captions import write_caption_manifests
 from cvpipe.data.config import CanvasesConfig, IngestConfig
 
 
 @flow(name="export-digits", flow_run_name="export digits -> {out}")
 def export_digits_flow(
-    out: str, size: int = 32, split: str | None = None, seed: int = 0
+    out: str,
+    size: int = 32,
+    split: str | None = None,
+    seed: int = 0,
+    captions: bool = False,
+    caption_q: float = 0.6,
 ) -> dict[str, int]:
-    """scikit-learn's handwritten digits as PNG class folders (optionally split)."""
+    """scikit-learn's handwritten digits as PNG class folders (optionally split); with
+    ``captions``, synthetic caption manifests too (cvpipe.data.captions)."""
     counts = datasets.export_digits(
         out, size=size, split=datasets.parse_split(split) if split else None, seed=seed
     )
+    if captions:
+        counts.update(write_caption_manifests(out, seed=seed, q=caption_q))
     get_run_logger().info("exported digits to %s: %s", out, counts)
     return counts
 

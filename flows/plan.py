@@ -142,9 +142,13 @@ def plan(
         store = STORAGE.get(stage)
         row["storage"] = _bytes(images * store[1]) if store and store[1] else "-"
         rows.append(row)
-    warnings = [f"{r['stage']}: {r['task runs per flow run']:,} task runs per flow run > "
-                f"{MAX_TASK_RUNS:,}: use bigger shards, more shards per unit or more "
-                "partitions" for r in rows if r["task runs per flow run"] > MAX_TASK_RUNS]  # fmt: skip
+    advice = "use bigger shards, more shards per unit or more partitions"
+    warnings = [
+        f"{r['stage']}: {r['task runs per flow run']:,} task runs per flow run > "
+        f"{MAX_TASK_RUNS:,}: {advice}"
+        for r in rows
+        if r["task runs per flow run"] > MAX_TASK_RUNS
+    ]
     return {
         "images": images, "shard_size": shard_size, "shards": shards,
         "partitions": partitions, "shards_per_partition": shards_per_partition,

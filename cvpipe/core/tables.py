@@ -478,3 +478,62 @@ DETECT_STUDY = pa.schema(
         ("map_50", pa.float64()),
     ]
 )
+
+# Weak supervision from captions and hashtags (cvpipe/label/vocab.py, targets.py).
+
+# A map-side partial of the vocabulary (one shard, or a merge of partials): words
+# sorted ascending, with occurrences and the number of samples holding the word. The
+# error bound of a cut partial (see vocab.py) is in the lineage.
+VOCAB_COUNTS = pa.schema(
+    [
+        ("word", pa.string()),
+        ("count", pa.int64()),
+        ("images", pa.int64()),
+    ]
+)
+
+# The vocabulary: the V most frequent words (count >= min count), ties by word;
+# ``index`` is the word's output unit of a weakly supervised model (0 = most frequent).
+VOCAB = pa.schema(
+    [
+        ("word", pa.string()),
+        ("count", pa.int64()),
+        ("images", pa.int64()),
+        ("index", pa.int32()),
+    ]
+)
+
+# Per sample, its distinct in-vocabulary words (vocabulary indices, ascending): the
+# target is 1/k on each of its k words. ``weight`` is its resampling weight (1.0
+# without resampling). Samples with no in-vocabulary word have no row.
+WORD_TARGETS = pa.schema(
+    [
+        ("key", pa.string()),
+        ("shard", pa.string()),
+        ("words", pa.list_(pa.int32())),
+        ("weight", pa.float32()),
+    ]
+)
+
+# Word prediction scored on held-out captioned samples: precision@k of a model and of
+# the frequency baseline (always the k most frequent words), in one table.
+WORD_PRECISION = pa.schema(
+    [
+        ("method", pa.string()),
+        ("images", pa.int64()),
+        ("p_at_1", pa.float64()),
+        ("p_at_5", pa.float64()),
+        ("p_at_10", pa.float64()),
+    ]
+)
+
+# The best-scoring held-out samples of some words (a word's output unit, softmax score).
+WORD_TOP_IMAGES = pa.schema(
+    [
+        ("word", pa.string()),
+        ("rank", pa.int32()),
+        ("key", pa.string()),
+        ("shard", pa.string()),
+        ("score", pa.float32()),
+    ]
+)

@@ -43,6 +43,12 @@ class SemiSupervisedConfig(Strict):
     sweep_unlabeled_fraction: list[float] = Field(
         default_factory=list, description="extra |U| fractions (0, 1] to try"
     )
+    teacher_init: str | None = Field(
+        None,
+        description="a weakly supervised checkpoint the teacher starts from (its head "
+        "replaced, then trained on D with the teacher's schedule); '{seed}' is replaced "
+        "by the seed",
+    )
 
     @field_validator("sweep_unlabeled_fraction")
     @classmethod
@@ -170,3 +176,49 @@ class DetectionStudyConfig(Strict):
     student_epochs: int | None = Field(None, ge=1, description="pretraining epochs (None: same)")
     finetune_epochs: int | None = Field(None, ge=1, description="fine-tuning epochs (None: same)")
     finetune_lr_factor: float = Field(0.5, gt=0, description="fine-tuning lr = lr x this")
+
+
+class WeakCaptions(Strict):
+    """Synthetic captions of the digits (cvpipe.data.captions) and their vocabulary."""
+
+    q: float = Field(0.6, ge=0, le=1, description="P(a caption names the digit)")
+    vocab_size: int = Field(64, ge=1)
+    min_count: int = Field(3, ge=1)
+    synonyms: bool = Field(True, description="merge the digit's forms (7, sept, #Seven)")
+
+
+class WeakTeacherConfig(Strict):
+    """Teacher from scratch vs teacher initialized from weak pretraining on the captions
+    of U (Mahajan et al. 2018; Yalniz et al. 2019), each followed by the usual
+    teacher -> top-K -> student loop, on the bundled digits, for every seed."""
+
+    root: str
+    semi_supervised: SemiSupervisedConfig = Field(
+        description="the loop (digits only); its root is set to ROOT/scratch and ROOT/weak_init"
+    )
+    captions: WeakCaptions = Field(default_factory=WeakCaptions)
+    weak: TrainConfig = Field(description="weak pretraining on the captions of U")
+    weak_epochs: list[int] = Field(
+        default_factory=lambda: [15, 40],
+        min_length=1,
+        description="candidate pretraining lengths, chosen per seed by precision@1 on "
+        "held-out captioned shards of U (never on the test split)",
+    )
+    val_shards: int = Field(1, ge=1, description="captioned shards of U held out for choosing")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nested_root(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("semi_supervised"), dict):
+            ssl = dict(data["semi_supervised"])
+            ssl.setdefault("root", str(data.get("root", "")))
+            data = {**data, "semi_supervised": ssl}
+        return data
+
+    @model_validator(mode="after")
+    def _digits_only(self) -> WeakTeacherConfig:
+        if self.semi_supervised.digits is None:
+            raise ValueError("weak_teacher runs on the bundled digits (semi_supervised.digits)")
+        if self.weak.arch != self.semi_supervised.teacher.arch:
+            raise ValueError("weak pretraining and the teacher must share one architecture")
+        return self

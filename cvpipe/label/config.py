@@ -123,3 +123,36 @@ class BoxMaterializeConfig(Strict):
     shards: str | list[str] = Field(description="the shards the pseudo-boxes were made on")
     out: str = Field(description="writes OUT/shards/<partition>/<stem>.tar")
     min_boxes: int = Field(1, ge=0, description="images with fewer pseudo-boxes are left out")
+
+
+class VocabConfig(Strict):
+    """The vocabulary of captions and hashtags: counted per shard, merged as a tree."""
+
+    shards: str | list[str] = Field(description="captioned shards (URL, folder, pattern, list)")
+    out: str = Field(description="the vocabulary Parquet to write (word, count, images, index)")
+    size: int = Field(ge=1, description="V: the most frequent words kept")
+    min_count: int = Field(1, ge=1, description="words seen fewer times are left out")
+    synonyms: str | None = Field(None, description="a synonym file (VARIANT, ... => CANONICAL)")
+    partial_cap: int = Field(
+        1 << 20,
+        ge=1,
+        description="most words a partial keeps (a shard's counts or a merge); past it the "
+        "rarest are cut and the vocabulary's error bound grows (see cvpipe.label.vocab)",
+    )
+    fan_in: int = Field(16, ge=2, description="partials merged per merge unit")
+    work: str | None = Field(
+        None, description="partials folder; default: OUT without .parquet, plus .parts"
+    )
+
+
+class TargetsConfig(Strict):
+    """Per sample, its normalized multi-hot target over a vocabulary."""
+
+    shards: str | list[str] = Field(description="captioned shards")
+    vocab: str = Field(description="the vocabulary Parquet written by `cvpipe vocab`")
+    out: str = Field(description="writes OUT/<partition>/<stem>.parquet (tables.WORD_TARGETS)")
+    resample: Literal["none", "sqrt"] = Field(
+        "none",
+        description="none, or sqrt: weight each sample by the mean of 1/sqrt(count) of its "
+        "words, so a word is seen about sqrt(count) times per epoch (Mahajan et al. 2018)",
+    )

@@ -17,9 +17,15 @@ from cvpipe.learn.tasks.contrastive import ContrastiveTask
 from cvpipe.learn.tasks.detection import DetectionTask
 from cvpipe.learn.tasks.localization import LocalizationTask
 from cvpipe.learn.tasks.multilabel import MultiLabelTask
+from cvpipe.learn.tasks.weak import WeakTask
 
 AnyTask = Annotated[
-    ClassificationTask | MultiLabelTask | DetectionTask | ContrastiveTask | LocalizationTask,
+    ClassificationTask
+    | MultiLabelTask
+    | DetectionTask
+    | ContrastiveTask
+    | LocalizationTask
+    | WeakTask,
     Field(discriminator="kind"),
 ]
 
@@ -32,6 +38,7 @@ __all__ = [
     "LocalizationTask",
     "Meter",
     "MultiLabelTask",
+    "WeakTask",
     "TaskBatch",
     "TrainTask",
 ]

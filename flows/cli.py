@@ -398,9 +398,9 @@ config_command(
     extra=[
         inspect.Parameter(
             "shards",
-            _KW,
+            _POS,
             annotation=str,
-            default=typer.Option(..., "--shards", help="labeled training shards"),
+            default=typer.Argument(..., help="labeled training shards"),
         ),
         inspect.Parameter(
             "out",
@@ -440,9 +440,9 @@ config_command(
     extra=[
         inspect.Parameter(
             "shards",
-            _KW,
+            _POS,
             annotation=str,
-            default=typer.Option(..., "--shards", help="labeled shards of the target task"),
+            default=typer.Argument(..., help="labeled shards of the target task"),
         ),
         inspect.Parameter(
             "init",
@@ -537,6 +537,31 @@ def serve(
               **({"root": root} if root else {})}  # fmt: skip
     with local_api.api():
         partition_pipeline_flow.serve(name=name, cron=cron, parameters=params)
+
+
+@app.command()
+def plan(
+    images: int = typer.Option(..., "--images", help="images to process, e.g. 1000000000"),
+    shard_size: int = typer.Option(10_000, "--shard-size", help="images per shard"),
+    gpus: int = typer.Option(8, "--gpus", help="GPUs available"),
+    cpus: int = typer.Option(64, "--cpus", help="CPU worker processes available"),
+    partition_images: int = typer.Option(
+        10_000_000, "--partition-images", help="images per partition (one flow run each)"
+    ),
+    shards_per_unit: int = typer.Option(4, "--shards-per-unit", help="shards per GPU task run"),
+    sources: list[str] = typer.Option(
+        None,
+        "--from",
+        help="folders of benchmark JSON (default: benchmarks/results and benchmarks/reference)",
+    ),
+) -> None:
+    """What a run over N images costs: shards, partitions, flow and task runs, GPU- and
+    CPU-hours, wall time and storage per stage, from the rates the benchmarks measured."""
+    from flows import plan as planner
+
+    result = planner.plan(images, shard_size, gpus, cpus, partition_images, shards_per_unit,
+                          sources or None)  # fmt: skip
+    typer.echo(planner.markdown(result))
 
 
 @app.command()

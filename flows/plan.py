@@ -54,8 +54,7 @@ def _rates_of(d: dict[str, Any], source: str) -> list[Rate]:
                         source))  # fmt: skip
     elif name == "bench_anchors":
         rate = d["best"]["label"]["images_per_s"]
-        out.append(Rate("anchor labels", rate, "cpu", str(d.get("machine") or _machine(d)),
-                        source))  # fmt: skip
+        out.append(Rate("anchor labels", rate, "cpu", f"{d.get('cpus')}-core CPU", source))
     elif name == "bench_detect":
         rows = [r for r in d.get("in_memory", []) if r.get("bf16")] or d.get("in_memory", [])
         if rows:
@@ -106,7 +105,7 @@ def plan(
     shard_size: int = 10_000,
     gpus: int = 8,
     cpus: int = 64,
-    partition_images: int = 100_000_000,
+    partition_images: int = 10_000_000,
     shards_per_unit: int = 4,
     folders: list[str] | None = None,
 ) -> dict[str, Any]:

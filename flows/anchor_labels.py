@@ -30,7 +30,7 @@ from flows.anchors import anchors_build_flow, label_flow
 from flows.datasets import export_digits_flow
 from flows.ingest import ingest_flow
 from flows.teacher import infer_flow
-from tasks.artifacts import publish_markdown, publish_table
+from tasks.artifacts import publish_markdown, publish_table, run_name
 from tasks.stage import run_units
 from tasks.training import evaluate, train
 
@@ -44,7 +44,7 @@ def _ingest_manifest(manifest: str, root: str, partition: str, shard_size: int) 
     return storage.list_committed(storage.join(root, "shards", partition), ".tar")
 
 
-@flow(name="prepare-digit-anchors", flow_run_name="digit anchors -> {root}")
+@flow(name="prepare-digit-anchors", flow_run_name=run_name("digit anchors -> {root}"))
 def digit_anchors_data_flow(root: str, spec: DigitsAnchors, seed: int) -> dict[str, Any]:
     """Anchor datasets (labeled digit groups), U (the unlabeled split) and targets (other
     groups: labeled images to train on, test images to score) as shards."""
@@ -127,7 +127,7 @@ def source_flow(
     return {"tag": method.tag, "source": source, "counts": counts, "top1": scored.top1}
 
 
-@flow(name="anchor-transfer", flow_run_name="anchor transfer -> {config.root}")
+@flow(name="anchor-transfer", flow_run_name=run_name("anchor transfer -> {config.root}"))
 def anchor_transfer_flow(config: AnchorTransferConfig) -> dict[str, Any]:
     """The whole experiment; returns the two tables as markdown."""
     root = config.root

@@ -14,7 +14,7 @@ from prefect import flow, get_run_logger
 
 from cvpipe.data.config import IngestConfig
 from flows.ingest import ingest_flow
-from tasks.artifacts import publish_table
+from tasks.artifacts import publish_table, run_name
 
 
 def date_partitions(start: dt.date, end: dt.date) -> list[str]:
@@ -59,7 +59,7 @@ def backfill_flow(
     return summaries
 
 
-@flow(name="daily-ingest")
+@flow(name="daily-ingest", flow_run_name=run_name("daily ingest -> {root}"))
 def daily_ingest_flow(
     source_pattern: str,
     root: str,

@@ -5,9 +5,10 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 
 from cvpipe.data import datasets
+from tasks.artifacts import run_name
 
 
-@flow(name="export-digits", flow_run_name="export digits -> {out}")
+@flow(name="export-digits", flow_run_name=run_name("export digits -> {out}"))
 def export_digits_flow(
     out: str, size: int = 32, split: str | None = None, seed: int = 0
 ) -> dict[str, int]:
@@ -19,7 +20,7 @@ def export_digits_flow(
     return counts
 
 
-@flow(name="export-photos", flow_run_name="export photos -> {out}")
+@flow(name="export-photos", flow_run_name=run_name("export photos -> {out}"))
 def export_photos_flow(out: str, count: int = 1000, size: int = 256, seed: int = 0) -> int:
     """Random JPEG crops of scikit-learn's two sample photographs."""
     n = datasets.export_photos(out, count=count, size=size, seed=seed)

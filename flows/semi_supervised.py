@@ -34,7 +34,7 @@ from cvpipe.learn.config import TrainConfig
 from flows.datasets import export_digits_flow
 from flows.ingest import ingest_flow
 from flows.teacher import infer_flow, materialize_flow, select_flow
-from tasks.artifacts import publish_markdown, publish_table
+from tasks.artifacts import publish_markdown, publish_table, run_name
 from tasks.stage import run_units
 from tasks.training import evaluate, train
 
@@ -45,7 +45,7 @@ def _seeded(cfg: TrainConfig, seed: int, **updates: Any) -> TrainConfig:
     return TrainConfig.model_validate({**cfg.model_dump(), "seed": seed, **updates})
 
 
-@flow(name="prepare-digits", flow_run_name="digits seed {seed} -> {root}")
+@flow(name="prepare-digits", flow_run_name=run_name("digits seed {seed} -> {root}"))
 def digits_data_flow(root: str, split: DigitsSplit, seed: int) -> dict[str, list[str]]:
     """The digits split of ``seed`` (stratified), each part ingested as a partition."""
     pool = 1.0 - split.test_fraction
@@ -153,7 +153,7 @@ def student_flow(
     return rows
 
 
-@flow(name="semi-supervised", flow_run_name="semi-supervised -> {config.root}")
+@flow(name="semi-supervised", flow_run_name=run_name("semi-supervised -> {config.root}"))
 def semi_supervised_flow(config: SemiSupervisedConfig) -> dict[str, Any]:
     """The whole experiment for every seed; returns the mean top-1 per method and the
     per-seed gains of the fine-tuned student over the supervised baseline."""

@@ -9,11 +9,11 @@ from prefect import flow, get_run_logger
 from cvpipe.core import storage
 from cvpipe.experiments import chop
 from cvpipe.learn.config import TrainConfig
-from tasks.artifacts import publish_table
+from tasks.artifacts import publish_table, run_name
 from tasks.training import evaluate, train
 
 
-@flow(name="train", flow_run_name="train {cfg.arch} -> {out}")
+@flow(name="train", flow_run_name=run_name("train {cfg.arch} -> {out}"))
 def train_flow(
     cfg: TrainConfig,
     shards: str | list[str],
@@ -43,7 +43,7 @@ def train_flow(
     return result
 
 
-@flow(name="chop", flow_run_name="chop {cfg.arch} from {base_checkpoint}")
+@flow(name="chop", flow_run_name=run_name("chop {cfg.arch} from {base_checkpoint}"))
 def chop_flow(
     base_checkpoint: str,
     cfg: TrainConfig,

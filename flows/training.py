@@ -34,11 +34,6 @@ def train_flow(
             threads=cfg.cpu_threads,
         )
         result.update(top1=scores.top1, top5=scores.top5, test_images=scores.n)
-        publish_table(
-            scores.per_class_table().to_pylist(),
-            "per-class-accuracy",
-            f"Per-class accuracy of `{checkpoint}`",
-        )
     get_run_logger().info("trained %s", result)
     return result
 
@@ -70,5 +65,10 @@ def chop_flow(
         )
         rows.append({"n": n, "mode": mode, "top1": scores.top1, "top5": scores.top5})
     urls = chop.chop_report(rows, out, cfg.arch)
-    publish_table(rows, "chop", f"Top-1 after copying the first n stages of `{base_checkpoint}`")
+    publish_table(
+        rows,
+        "chop",
+        f"Top-1 after copying the first n stages of `{base_checkpoint}`",
+        location=out,
+    )
     return urls

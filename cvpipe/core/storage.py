@@ -97,6 +97,15 @@ def write_bytes_atomic(url: str, data: bytes) -> None:
         f.write(data)
 
 
+def write_bytes_if_changed(url: str, data: bytes) -> bool:
+    """Publish ``data`` unless the committed file already holds exactly it, so a rerun
+    that produces the same report writes nothing. Returns whether it wrote."""
+    if is_committed(url) and read_bytes(url) == data:
+        return False
+    write_bytes_atomic(url, data)
+    return True
+
+
 def is_committed(url: str) -> bool:
     """True when ``url`` was published through :func:`open_atomic` (or placed by hand on
     local disk, where every visible file counts as committed)."""

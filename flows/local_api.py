@@ -4,8 +4,9 @@ Without ``PREFECT_API_URL``, Prefect starts a temporary SQLite-backed API server
 subprocess when the first flow runs; if the command is killed (kill -9 included) that
 server lives on as an orphan. cvpipe starts the same server itself instead:
 
-- early, in the background, while the command parses its input and imports its flow
-  (the server's ~7-14 s cold start overlaps the command's own start-up);
+- early, in the background, once the command's input has passed its preflight, while
+  it imports its flow (the server's ~7-14 s cold start overlaps the command's own
+  start-up; bad input never starts it);
 - with the parent-death signal set (Linux), so the kernel kills it when the command
   dies, however it dies; on a normal exit it is stopped and reaped.
 
@@ -188,9 +189,11 @@ def stop() -> None:
 
 
 @contextlib.contextmanager
-def owned_api() -> Iterator[None]:
-    """Start the local API early and stop it when the block ends."""
-    start_early()
+def owned_api(start: bool = True) -> Iterator[None]:
+    """Start the local API early (or let the block start it: ``start=False``) and stop
+    it when the block ends."""
+    if start:
+        start_early()
     try:
         yield
     finally:

@@ -93,16 +93,19 @@ def for_config(config: BaseModel, flag_of: Mapping[str, str] | None = None) -> C
 
 
 def run(checks: Checks) -> None:
-    """Every check, the S3 endpoints first (the others would hang on a dead one)."""
+    """Every check: the S3 endpoints first (the others would hang on a dead one), then
+    those that need no torch, then those that import it (seconds)."""
     _check_s3(checks)
-    for flag, value in checks.devices.items():
-        check_device(flag, value)
     for flag, value in checks.inputs.items():
         check_input(flag, value)
-    for flag, url in checks.checkpoints.items():
-        check_checkpoint(flag, url)
     for flag, url in checks.outputs.items():
         check_output(flag, url)
+    for flag, url in checks.checkpoints.items():
+        check_checkpoint_files(flag, url)
+    for flag, value in checks.devices.items():
+        check_device(flag, value)
+    for flag, url in checks.checkpoints.items():
+        check_checkpoint(flag, url)
 
 
 # ------------------------------------------------------------------------ values
@@ -151,30 +154,54 @@ def check_input(flag: str, value: Any) -> None:
             raise PreflightError(flag, url, "is an empty file", "give a file with content")
 
 
-def check_checkpoint(flag: str, url: str) -> None:
-    from cvpipe.core import storage
-    from cvpipe.models import checkpoints
+# torch.save's first bytes (cvpipe.models.checkpoints.check_magic says the same once
+# torch is imported; this copy lets a wrong file fail before torch's seconds of import).
+TORCH_FILE_MAGIC = (b"PK\x03\x04", b"\x80")
+CHECKPOINT_FIX = "give a .pt written by cvpipe train, its .json sidecar beside it"
 
-    fix = "give a .pt written by cvpipe train, its .json sidecar beside it"
+
+def check_checkpoint_files(flag: str, url: str) -> None:
+    """Without torch: the file exists, starts as torch.save's files do, and its sidecar
+    is JSON."""
+    import json
+
+    from cvpipe.core import storage
+
     fs, path = storage.url_to_fs(url)
     if fs.isdir(path):
         raise PreflightError(flag, url, "is a folder", "give the .pt file inside it")
     if not storage.is_committed(url):
-        raise PreflightError(flag, url, "does not exist", fix)
+        raise PreflightError(flag, url, "does not exist", CHECKPOINT_FIX)
     with fs.open(path, "rb") as f:
         head = f.read(16)
-    try:
-        checkpoints.check_magic(url, head)
-    except checkpoints.CheckpointError:
+    if not head.startswith(TORCH_FILE_MAGIC):
         raise PreflightError(
-            flag, url, f"is not a checkpoint (it starts with {head!r})", fix
-        ) from None
+            flag, url, f"is not a checkpoint (it starts with {head!r})", CHECKPOINT_FIX
+        )
+    sidecar = url.removesuffix(".pt") + ".json"  # checkpoints.sidecar_url, without torch
+    if not storage.is_committed(sidecar):
+        raise PreflightError(flag, url, f"its sidecar {sidecar} is missing", CHECKPOINT_FIX)
+    try:
+        json.loads(storage.read_bytes(sidecar))
+    except ValueError:
+        problem = f"its sidecar {sidecar} is not JSON"
+        raise PreflightError(flag, url, problem, CHECKPOINT_FIX) from None
+
+
+def check_checkpoint(flag: str, url: str) -> None:
+    """With torch: the sidecar describes a model and (on local disk; remote weights are
+    read once, by the flow) the weights load with ``weights_only=True``."""
+    from cvpipe.core import storage
+    from cvpipe.models import checkpoints
+
+    fs, _ = storage.url_to_fs(url)
     try:
         checkpoints.load_info(url)
-        if storage.is_local(fs):  # remote weights are read once, by the flow
+        if storage.is_local(fs):
             checkpoints.load_state(url)
     except checkpoints.CheckpointError as e:
-        raise PreflightError(flag, url, str(e).replace(f"checkpoint {url} ", ""), fix) from None
+        problem = str(e).replace(f"checkpoint {url} ", "").replace(f"{url} ", "")
+        raise PreflightError(flag, url, problem, CHECKPOINT_FIX) from None
 
 
 def check_device(flag: str, device: str) -> None:

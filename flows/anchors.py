@@ -48,7 +48,9 @@ def anchors_build_flow(config: AnchorsConfig) -> list[dict[str, Any]]:
     run_units(AnchorSumsStage(config), what="anchor partial sums")
     (merged,) = run_units(AnchorMergeStage(config), what="anchor merge")
     rows = [{"anchor": n, "count": c} for n, c in merged.counts.items()]
-    publish_table(rows, "anchors", f"Anchors ({config.kind}) in `{config.out}`")
+    publish_table(
+        rows, "anchors", f"Anchors ({config.kind}) in `{config.out}`", location=config.out
+    )
     return rows
 
 
@@ -64,5 +66,7 @@ def label_flow(config: LabelConfig) -> dict[str, Any]:
     stage = LabelStage(config)
     stats = stage.summarize(run_units(stage, what=f"label {config.method}"))
     get_run_logger().info("labels: %s", stats)
-    publish_table([stats], f"labels-{config.method}", f"Anchor labels in `{config.out}`")
+    publish_table(
+        [stats], f"labels-{config.method}", f"Anchor labels in `{config.out}`", location=config.out
+    )
     return stats

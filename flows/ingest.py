@@ -11,7 +11,8 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from cvpipe.core import storage
 from cvpipe.data.config import IngestConfig
 from cvpipe.data.ingest import IngestStage, prepare_plan
-from tasks.artifacts import publish_table, summary_rows
+from cvpipe.data.shards import unit_url
+from tasks.artifacts import publish_rejects, publish_table, summary_rows
 from tasks.stage import run_units
 
 
@@ -50,4 +51,14 @@ def ingest_flow(config: IngestConfig) -> dict[str, Any]:
         location=config.root,
         description=f"Ingest of `{config.source}` into partition `{config.partition}`",
     )
+    if summary["rejected"]:
+        folder = storage.join(config.root, "rejects", "ingest", config.partition)
+        publish_rejects(
+            [unit_url(config.root, "rejects/ingest", s.shard) for s in stats if s.rejects],
+            f"ingest-rejects-{config.partition}",
+            f"{summary['rejected']} file(s) of `{config.source}` rejected (the first 200; "
+            f"all in `{folder}`)",
+            location=config.root,
+        )
+        logger.warning("%d file(s) rejected: see %s", summary["rejected"], folder)
     return summary

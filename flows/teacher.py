@@ -15,11 +15,12 @@ from prefect import flow, get_run_logger
 from cvpipe.core import storage
 from cvpipe.infer.config import InferConfig
 from cvpipe.infer.stage import InferStage
+from cvpipe.infer.teacher import rejects_url
 from cvpipe.label import selection
 from cvpipe.label.config import MaterializeConfig, SelectConfig
 from cvpipe.label.materialize import MaterializeStage
 from cvpipe.label.selection import SelectFinalizeStage, SelectMergeStage, SelectPartialStage
-from tasks.artifacts import publish_markdown, publish_table, run_name, summary_rows
+from tasks.artifacts import publish_markdown, publish_rejects, publish_table, run_name, summary_rows
 from tasks.stage import run_units
 
 
@@ -40,6 +41,13 @@ def infer_flow(config: InferConfig) -> dict[str, Any]:
         summary_rows(summary), "infer-summary", f"Teacher inference into `{config.out}`",
         location=config.out,
     )  # fmt: skip
+    if summary.get("rejected"):
+        publish_rejects(
+            [rejects_url(config.out, s.shard) for unit in stats for s in unit if s.rejects],
+            "infer-rejects",
+            f"{summary['rejected']} image(s) rejected by teacher inference (the first 200)",
+            location=config.out,
+        )
     return summary
 
 

@@ -38,6 +38,25 @@ def publish_markdown(
     )
 
 
+def publish_rejects(
+    urls: Sequence[str], key: str, description: str, location: str, limit: int = 200
+) -> int:
+    """A table of rejected samples (key, shard, reason, detail) read from REJECTS
+    Parquet files, the first ``limit`` rows: what a person looks at first when a run
+    rejected input. Returns the rows published."""
+    from cvpipe.core import tables
+
+    rows: list[dict[str, Any]] = []
+    for url in urls:
+        if len(rows) >= limit:
+            break
+        t = tables.read_parquet(url, columns=["key", "shard", "reason", "detail"])
+        rows.extend(t.slice(0, limit - len(rows)).to_pylist())
+    if rows:
+        publish_table(rows, key, description, location=location)
+    return len(rows)
+
+
 def summary_rows(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
     """A flat (metric, value) table from a summary dict; nested dicts become prefixed rows."""
     rows: list[dict[str, Any]] = []

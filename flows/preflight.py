@@ -87,8 +87,10 @@ def for_config(config: BaseModel, flag_of: Mapping[str, str] | None = None) -> C
     ):
         for name in fields:
             if name in names:
-                flag = (flag_of or {}).get(name) or "--" + name.replace("_", "-")
-                checks.add(kinds, flag, getattr(config, name))
+                value = getattr(config, name)
+                if isinstance(value, (str, list, tuple, dict)):  # not a flag like --features
+                    flag = (flag_of or {}).get(name) or "--" + name.replace("_", "-")
+                    checks.add(kinds, flag, value)
     return checks
 
 

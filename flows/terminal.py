@@ -144,7 +144,7 @@ def start(command: str | None, quiet: bool = False, verbose: bool = False) -> Se
     stop()
     path = _planned_log or new_log_path(command)
     _planned_log = None
-    s = Session(path, quiet, verbose, Console(file=sys.stderr))
+    s = Session(path, quiet, verbose, Console(file=sys.stderr, soft_wrap=True))
     to_file = logging.FileHandler(path, delay=True, encoding="utf-8")
     to_file.setLevel(logging.INFO)
     to_file.setFormatter(

@@ -21,19 +21,17 @@ def exists(url: str) -> bool:
 
 
 def print_written(outputs: Iterable[Output], title: str = "written") -> None:
-    """A table of the outputs that exist; nothing when none does."""
-    from rich.console import Console
-    from rich.table import Table
+    """The outputs that exist, one per line (never folded: a path is for copying);
+    nothing when none does."""
+    import typer
 
     rows = [(what, url) for what, url in outputs if url and exists(url)]
     if not rows:
         return
-    table = Table(title=title, title_justify="left", show_header=False, box=None)
-    table.add_column("what", style="bold")
-    table.add_column("path", overflow="fold")
+    width = max(len(what) for what, _ in rows)
+    typer.echo(f"{title}:")
     for what, url in rows:
-        table.add_row(what, url)
-    Console().print(table)
+        typer.echo(f"  {what:<{width}}  {url}")
 
 
 def ingest(root: str, partition: str, summary: Mapping[str, Any] | None = None) -> list[Output]:

@@ -146,13 +146,17 @@ def test_run_units_draws_a_bar_and_keys_its_progress_artifact(prefect_harness, t
     key = progress_artifact_key("toy units", config)
     assert key.startswith("progress-toy-units-")
 
-    async def artifact_keys() -> set[str]:
-        async with get_client() as client:
-            return {a.key for a in await client.read_artifacts(limit=200)}
-
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
     from prefect.utilities.asyncutils import run_coro_as_sync
 
-    assert key in run_coro_as_sync(artifact_keys())
+    async def found() -> list:
+        async with get_client() as client:
+            return await client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key]))
+            )
+
+    artifacts = run_coro_as_sync(found())
+    assert artifacts and artifacts[0].type == "progress" and artifacts[0].data == 100.0
 
 
 def test_images_of_counts_images_not_read_back_units():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,8 @@ from cvpipe.data.datasets import export_digits
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("PREFECT_LOGGING_TO_API_ENABLED", "false")
+# The cvpipe command's log files (flows/terminal.py) go to a temp folder, not ~/.cache.
+os.environ.setdefault("CVPIPE_LOG_DIR", tempfile.mkdtemp(prefix="cvpipe-test-logs-"))
 
 
 def ingest_folder(source: str, root: str, partition: str, name: str, shard_size: int) -> list[str]:

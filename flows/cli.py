@@ -207,14 +207,51 @@ config_command(
 
 @app.command()
 def backfill(
-    source_pattern: str = typer.Argument(..., help="source URL with {partition}, per day"),
-    out: str = typer.Option(..., "--out", help="output root"),
-    start: datetime.datetime = typer.Option(..., "--start", formats=["%Y-%m-%d"]),
-    end: datetime.datetime = typer.Option(..., "--end", formats=["%Y-%m-%d"]),
-    shard_size: int = typer.Option(10_000, "--shard-size"),
-    name: str = typer.Option("shard", "--name"),
+    source_pattern: str = typer.Argument(
+        None, help="ingest only: source URL with {partition}, per day"
+    ),
+    start: datetime.datetime = typer.Option(..., "--from", "--start", formats=["%Y-%m-%d"]),
+    end: datetime.datetime = typer.Option(..., "--to", "--end", formats=["%Y-%m-%d"]),
+    config: str = typer.Option(None, "--config", help="pipeline YAML: backfill the whole DAG"),
+    deployment: str = typer.Option(
+        None,
+        "--deployment",
+        help="FLOW/DEPLOYMENT: one flow run per partition through the "
+        "API of PREFECT_API_URL's server (e.g. pipeline-partition/pipeline-daily)",
+    ),
+    stages: str = typer.Option(None, "--stages", help="comma-separated pipeline stages"),
+    root: str = typer.Option(None, "--root", help="override the pipeline config's root"),
+    out: str = typer.Option(None, "--out", help="ingest only: output root"),
+    shard_size: int = typer.Option(10_000, "--shard-size", help="ingest only"),
+    name: str = typer.Option("shard", "--name", help="ingest only"),
 ) -> None:
-    """Ingest every daily partition from --start to --end (inclusive); skips done work."""
+    """Process every daily partition from --from to --to (inclusive); done work is
+    skipped, so a half-done backfill is completed with nothing twice.
+
+    With --deployment: one flow run per partition, created through the API, named after
+    its partition and bounded by the deployment's concurrency limit. With --config only:
+    the pipeline runs here for each partition (the embedded default). With SOURCE_PATTERN
+    and --out: ingest only."""
+    wanted = [x.strip() for x in stages.split(",") if x.strip()] if stages else None
+    if deployment:
+        from flows.backfill import backfill_deployment
+        from flows.local_api import configured_api_url
+
+        if not configured_api_url():
+            fail("--deployment needs a Prefect server: set PREFECT_API_URL (see deployments/)")
+        extra = {k: v for k, v in {"config_url": config, "root": root}.items() if v}
+        rows = backfill_deployment(deployment, start.date(), end.date(), wanted, extra)
+        print_table(rows, f"backfill {deployment}")
+        return
+    if config:
+        from flows.backfill import backfill_pipeline_flow
+
+        results = run_flow(backfill_pipeline_flow, config, start.date(), end.date(), wanted, root)
+        print_table([{"partition": d, "report": r["report"]} for d, r in results.items()],
+                    "backfill")  # fmt: skip
+        return
+    if not (source_pattern and out):
+        fail("give --deployment, --config PIPELINE.yaml, or SOURCE_PATTERN with --out")
     from flows.backfill import backfill_flow, date_partitions
 
     try:
@@ -601,6 +638,7 @@ def pipeline(
     from flows.pipeline_config import PipelineConfig
 
     cfg = load_yaml_config(config, PipelineConfig, partition=partition, root=root)
+    check(preflight.Checks(outputs={"--root" if root else f"{config}: root": cfg.root}))
     wanted = [s.strip() for s in stages.split(",") if s.strip()] if stages else None
     flow = _flow("pipeline", "pipeline_flow")
     from flows.runners import with_runner
@@ -615,6 +653,29 @@ def storage_read_text(url: str) -> str:
     from cvpipe.core.storage import read_bytes
 
     return read_bytes(url).decode()
+
+
+@app.command()
+def serve(
+    config: str = typer.Argument(..., help="pipeline YAML (see flows/examples/pipeline.yaml)"),
+    cron: str = typer.Option("30 2 * * *", "--cron", help="schedule (UTC)"),
+    days_ago: int = typer.Option(1, "--days-ago", help="partition = scheduled day minus this"),
+    root: str = typer.Option(None, "--root", help="override the config's output root"),
+    name: str = typer.Option("pipeline-daily", "--name", help="the deployment's name"),
+) -> None:
+    """Run the daily pipeline on a schedule from this process (flow.serve): no work pool
+    or worker needed. Uses PREFECT_API_URL's server, or the embedded API while it runs."""
+    import os
+
+    from flows import local_api
+    from flows.backfill import partition_pipeline_flow
+    from flows.pipeline_config import PipelineConfig
+
+    load_yaml_config(config, PipelineConfig, root=root)  # a bad config fails now, not at 02:30
+    params = {"config_url": os.path.abspath(config), "days_ago": days_ago,
+              **({"root": root} if root else {})}  # fmt: skip
+    with local_api.api():
+        partition_pipeline_flow.serve(name=name, cron=cron, parameters=params)
 
 
 @app.command()
@@ -645,6 +706,13 @@ def demo(
             ),
             "anchors.yaml",
         )
+
+
+from flows.retry_rejects import retry_rejects  # noqa: E402 (commands in modules of their own)
+from flows.verify import verify  # noqa: E402
+
+app.command("retry-rejects")(retry_rejects)
+app.command("verify")(verify)
 
 
 def _command_name(args: list[str]) -> str:

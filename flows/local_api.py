@@ -182,7 +182,7 @@ def api() -> Iterator[None]:
 def stop() -> None:
     global _API
     if _API is not None:
-        _API.stop()
+        _API.stop()  # buffered run logs and events are sent first
         if os.environ.get("PREFECT_API_URL") == _API.url:
             del os.environ["PREFECT_API_URL"]
         _API = None

@@ -341,3 +341,28 @@ SEQUENCE_COUNTS = pa.schema(
         ("count", pa.int64()),
     ]
 )
+
+# Ingest hardening (cvpipe/data/plan.py, cvpipe/data/integrity.py).
+
+# What a folder walk did not list, and why (hidden, not an image suffix): one row per
+# file or folder, next to the partition's plan.
+SKIPPED_FILES = pa.schema(
+    [
+        ("path", pa.string()),  # relative to the source folder
+        ("reason", pa.string()),
+        ("detail", pa.string()),
+    ]
+)
+
+# One row per shard checked before a stage reads it: readable, complete, as ingested.
+SHARD_CHECKS = pa.schema(
+    [
+        ("shard", pa.string()),
+        ("url", pa.string()),
+        ("ok", pa.bool_()),
+        ("reason", pa.string()),  # "" when ok, else e.g. corrupt_tar, checksum_mismatch
+        ("detail", pa.string()),
+        ("samples", pa.int64()),  # samples read from the tar
+        ("expected", pa.int64()),  # rows of its ingest index (-1 when it has none)
+    ]
+)

@@ -120,9 +120,9 @@ class Session:
     """The terminal and log file of one command."""
 
     log_path: str
-    quiet: bool = False
-    verbose: bool = False
-    console: Console = field(default_factory=lambda: Console(stderr=True))
+    quiet: bool
+    verbose: bool
+    console: Console
     handlers: list[logging.Handler] = field(default_factory=list)
 
 

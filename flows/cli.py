@@ -26,6 +26,8 @@ from cvpipe.label.config import AnchorsConfig, LabelConfig, MaterializeConfig, S
 from cvpipe.learn.config import TrainConfig
 from flows import preflight, terminal, written
 from flows.cli_models import Spec, config_command
+from flows.cli_weak import register as register_weak
+from flows.cli_weak import run_weak_demo, run_weak_teacher
 
 app = typer.Typer(
     help="cvpipe: web-scale images in, labeled data and trained models out.",
@@ -149,13 +151,18 @@ def datasets_digits(
     split: str = typer.Option(
         None, help="e.g. labeled=0.1,unlabeled=0.6,test=0.3 (stratified, seeded)"
     ),
-    seed: int = typer.Option(0, help="seed of the split"),
+    seed: int = typer.Option(0, help="seed of the split (and of the captions)"),
+    captions: bool = typer.Option(False, "--captions", help="also SYNTHETIC caption manifests"),
+    caption_q: float = typer.Option(0.6, "--caption-q", help="P(a caption names the digit)"),
 ) -> None:
     """scikit-learn's 1,797 real handwritten digits as an image-folder tree."""
     from flows.datasets import export_digits_flow
 
     check(preflight.Checks(outputs={"OUT": out}))
-    counts = run_flow(export_digits_flow, out, size=size, split=split, seed=seed)
+    counts = run_flow(
+        export_digits_flow, out, size=size, split=split, seed=seed, captions=captions,
+        caption_q=caption_q,
+    )  # fmt: skip
     typer.echo(json.dumps(counts))
     written.print_written(written.folder("digits", out))
 
@@ -446,7 +453,7 @@ def run_semi_supervised(config: Any, where: str) -> None:
     written.print_written(written.semi_supervised(config.root), "semi-supervised: written")
 
 
-EXPERIMENTS = ("semi_supervised", "anchor_transfer")
+EXPERIMENTS = ("semi_supervised", "anchor_transfer", "weak_teacher")
 
 
 @app.command()
@@ -466,6 +473,8 @@ def run(
         raw["root"] = root
     if kind == "anchor_transfer":
         run_anchor_transfer(parse_config(AnchorTransferConfig, **raw), config)
+    elif kind == "weak_teacher":
+        run_weak_teacher(raw)
     else:
         run_semi_supervised(parse_config(SemiSupervisedConfig, **raw), config)
 
@@ -683,6 +692,7 @@ def demo(
     out: str = typer.Option("demo", "--out", help="output folder of the demo"),
     seeds: int = typer.Option(None, "--seeds", help="run only the first N seeds"),
     anchors: bool = typer.Option(True, "--anchors/--no-anchors", help="the anchor part too"),
+    weak: bool = typer.Option(True, "--weak/--no-weak", help="the weak-label part too"),
 ) -> None:
     """The demo on the bundled digits: the semi-supervised experiment
     (flows/examples/demo.yaml), then anchor pseudo-labels and their transfer table
@@ -706,6 +716,11 @@ def demo(
             ),
             "anchors.yaml",
         )
+    if weak:
+        run_weak_demo(join(out, "weak"))
+
+
+register_weak(app)  # vocab, train-weak, words (flows/cli_weak.py)
 
 
 from flows.retry_rejects import retry_rejects  # noqa: E402 (commands in modules of their own)
@@ -713,6 +728,15 @@ from flows.verify import verify  # noqa: E402
 
 app.command("retry-rejects")(retry_rejects)
 app.command("verify")(verify)
+# The index, dedup and siamese commands live in their own module.
+from flows.cli_index import register as _register_index  # noqa: E402
+
+_register_index(app)
+
+# Detection commands live in their own module.
+from flows import cli_detect  # noqa: E402
+
+cli_detect.register(app, datasets_app)
 
 
 def _command_name(args: list[str]) -> str:

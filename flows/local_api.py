@@ -133,6 +133,7 @@ def drain_prefect_workers(timeout: float = 10.0) -> None:
 
 _API: LocalAPI | None = None
 _LOG_PATH: str | None = None
+_OWNED = False  # inside owned_api(): the API lives until the block ends
 
 
 def log_server_output_to(path: str | None) -> None:
@@ -164,7 +165,9 @@ def api() -> Iterator[None]:
     if _API is None and configured_api_url():
         yield
         return
-    owner = _API is None  # nobody started it early (e.g. the app called in-process)
+    # Nobody started it early and no owned_api() block keeps it (e.g. the app called
+    # in-process): this block owns it and stops it.
+    owner = _API is None and not _OWNED
     start_early()
     assert _API is not None
     try:
@@ -192,9 +195,12 @@ def stop() -> None:
 def owned_api(start: bool = True) -> Iterator[None]:
     """Start the local API early (or let the block start it: ``start=False``) and stop
     it when the block ends."""
+    global _OWNED
     if start:
         start_early()
+    _OWNED = True
     try:
         yield
     finally:
+        _OWNED = False
         stop()

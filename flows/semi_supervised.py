@@ -171,15 +171,20 @@ def semi_supervised_flow(config: SemiSupervisedConfig) -> dict[str, Any]:
         else:
             data = {p: storage.expand_urls(getattr(config, p), ".tar") for p in PARTS}
             truth = None
-        teacher_dir = storage.join(seed_root, f"teacher-{tables.config_hash(config.teacher)[:8]}")
+        init = config.teacher_init.replace("{seed}", str(seed)) if config.teacher_init else None
+        teacher_id = tables.config_hash([config.teacher, init] if init else config.teacher)
+        teacher_dir = storage.join(seed_root, f"teacher-{teacher_id[:8]}")
         header(f"{step}: teacher")
-        teacher = train(_seeded(config.teacher, seed), data["labeled"], teacher_dir)
-        # A baseline configured like the teacher *is* the teacher's run: train it once.
-        if config.baseline != config.teacher:
+        # From another model (its classes are words, not digits): a fresh head on D's labels.
+        teacher_cfg = _seeded(config.teacher, seed, **({"new_head": True} if init else {}))
+        teacher = train(teacher_cfg, data["labeled"], teacher_dir, init_checkpoint=init)
+        # A baseline configured like the teacher *is* the teacher's run: train it once
+        # (unless the teacher starts from another model: the baseline starts from scratch).
+        if not (config.baseline == config.teacher and init is None):
             header(f"{step}: supervised baseline")
         baseline = (
             teacher
-            if config.baseline == config.teacher
+            if config.baseline == config.teacher and init is None
             else train(
                 _seeded(config.baseline, seed),
                 data["labeled"],

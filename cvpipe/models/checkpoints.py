@@ -24,7 +24,7 @@ from torch import nn
 
 from cvpipe.core.stage import PermanentError
 from cvpipe.core.storage import is_committed, open_atomic, read_bytes
-from cvpipe.models.nets import IMAGENET_MEAN, IMAGENET_STD, Classifier, build
+from cvpipe.models.nets import IMAGENET_MEAN, IMAGENET_STD, Classifier, EmbeddingNet, build
 
 
 class CheckpointError(PermanentError, ValueError):
@@ -151,6 +151,29 @@ def load_checkpoint(url: str, device: str | torch.device = "cpu") -> tuple[Class
             f"checkpoint {url} does not fit architecture {info.arch} with "
             f"{info.num_classes} classes: {e}"
         ) from None
+    return model.to(device), info
+
+
+def load_model(url: str, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelInfo]:
+    """A checkpoint that inference can run: a classifier (:func:`load_checkpoint`) or an
+    embedding net (``task`` contrastive: its features are the embeddings). Anything else
+    is a CheckpointError."""
+    if not is_committed(url):
+        raise CheckpointError(f"checkpoint {url} does not exist")
+    info = load_info(url)
+    if info.task in CLASSIFIER_TASKS:
+        return load_checkpoint(url, device)
+    if info.task != "contrastive":
+        raise CheckpointError(f"checkpoint {url} holds a {info.task} model: nothing to infer")
+    state, info = load_state(url)
+    if "head.weight" not in state:
+        raise CheckpointError(f"checkpoint {url} has no embedding head")
+    task = info.lineage.get("task") or {}
+    model = EmbeddingNet(info.arch, state["head.weight"].shape[0], task.get("normalize", True))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint {url} does not fit {info.arch}: {e}") from None
     return model.to(device), info
 
 

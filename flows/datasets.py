@@ -40,7 +40,7 @@ def export_photos_flow(out: str, count: int = 1000, size: int = 256, seed: int =
     return n
 
 
-@flow(name="canvases", flow_run_name="canvases -> {config.out}")
+@flow(name="canvases", flow_run_name=run_name("canvases -> {config.out}"))
 def canvases_flow(config: CanvasesConfig) -> dict[str, dict]:
     """Digits on photo canvases (cvpipe.data.canvases) exported, then each split
     ingested through the normal ingest path into ``OUT/shards/<split>/canvases-*.tar``.

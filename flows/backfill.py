@@ -55,6 +55,7 @@ def backfill_flow(
         ],
         key=f"backfill-{start}-{end}",
         description=f"Backfill of `{source_pattern}` from {start} to {end}",
+        location=root,
     )
     return summaries
 

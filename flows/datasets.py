@@ -9,9 +9,10 @@ from prefect import flow, get_run_logger
 from cvpipe.data import datasets
 from cvpipe.data.captions import write_caption_manifests
 from cvpipe.data.config import CanvasesConfig, IngestConfig
+from tasks.artifacts import run_name
 
 
-@flow(name="export-digits", flow_run_name="export digits -> {out}")
+@flow(name="export-digits", flow_run_name=run_name("export digits -> {out}"))
 def export_digits_flow(
     out: str,
     size: int = 32,
@@ -31,7 +32,7 @@ def export_digits_flow(
     return counts
 
 
-@flow(name="export-photos", flow_run_name="export photos -> {out}")
+@flow(name="export-photos", flow_run_name=run_name("export photos -> {out}"))
 def export_photos_flow(out: str, count: int = 1000, size: int = 256, seed: int = 0) -> int:
     """Random JPEG crops of scikit-learn's two sample photographs."""
     n = datasets.export_photos(out, count=count, size=size, seed=seed)
@@ -39,7 +40,7 @@ def export_photos_flow(out: str, count: int = 1000, size: int = 256, seed: int =
     return n
 
 
-@flow(name="canvases", flow_run_name="canvases -> {config.out}")
+@flow(name="canvases", flow_run_name=run_name("canvases -> {config.out}"))
 def canvases_flow(config: CanvasesConfig) -> dict[str, dict]:
     """Digits on photo canvases (cvpipe.data.canvases) exported, then each split
     ingested through the normal ingest path into ``OUT/shards/<split>/canvases-*.tar``.

@@ -29,17 +29,19 @@ from cvpipe.label.materialize import output_url
 from cvpipe.label.pseudo_boxes import BoxMaterializeStage, PseudoBoxStage
 from cvpipe.learn.detect import DetectTrainConfig
 from cvpipe.learn.detect_eval import DetectEvalJob, DetectEvalResult, DetectEvalStage
-from tasks.artifacts import publish_markdown, publish_table
+from tasks.artifacts import publish_markdown, publish_table, run_name
 from tasks.stage import run_units
 from tasks.training import run_single, train_run
 
 
-def _publish_eval(res: DetectEvalResult, name: str) -> None:
-    publish_table([res.row("test")], f"{name}-map", f"mAP of `{res.checkpoint}`")
-    publish_table(res.per_class, f"{name}-per-class-ap", f"Per-class AP of `{res.checkpoint}`")
+def _publish_eval(res: DetectEvalResult, name: str, out: str) -> None:
+    publish_table([res.row("test")], f"{name}-map", f"mAP of `{res.checkpoint}`", location=out)
+    publish_table(res.per_class, f"{name}-per-class-ap", f"Per-class AP of `{res.checkpoint}`",
+                  location=out)  # fmt: skip
     if res.urls.get("png"):
         publish_markdown(f"Test images with boxes: `{res.urls['png']}` (green: truth, red: "
-                         "detections)", f"{name}-boxes", "Detections drawn")  # fmt: skip
+                         "detections)", f"{name}-boxes", "Detections drawn",
+                         location=out)  # fmt: skip
 
 
 def evaluate(checkpoint: str, shards: list[str], out: str, like: DetectTrainConfig) -> Any:
@@ -48,7 +50,7 @@ def evaluate(checkpoint: str, shards: list[str], out: str, like: DetectTrainConf
     return run_single(DetectEvalStage(job))
 
 
-@flow(name="detect-train", flow_run_name="detect train {config.arch} -> {config.out}")
+@flow(name="detect-train", flow_run_name=run_name("detect train {config.arch} -> {config.out}"))
 def detect_train_flow(config: DetectTrainConfig) -> dict[str, Any]:
     """Train a detector (resumes after a crash, skips a committed run), then score it
     on ``config.test`` when given."""
@@ -59,26 +61,27 @@ def detect_train_flow(config: DetectTrainConfig) -> dict[str, Any]:
     if config.test:
         res = evaluate(result.checkpoint, storage.expand_specs(config.test, ".tar"),
                        storage.join(config.out, "eval"), config)  # fmt: skip
-        _publish_eval(res, "detect")
+        _publish_eval(res, "detect", storage.join(config.out, "eval"))
         summary.update(test_map=res.map, test_map_50=res.map_50, test_images=res.images)
     get_run_logger().info("detector %s", summary)
     return summary
 
 
-@flow(name="detect-eval", flow_run_name="detect eval {job.checkpoint}")
+@flow(name="detect-eval", flow_run_name=run_name("detect eval {job.checkpoint}"))
 def detect_eval_flow(job: DetectEvalJob) -> DetectEvalResult:
     res = run_single(DetectEvalStage(job))
-    _publish_eval(res, "detect-eval")
+    _publish_eval(res, "detect-eval", job.out)
     return res
 
 
-@flow(name="detect-label", flow_run_name="pseudo-boxes -> {config.out}")
+@flow(name="detect-label", flow_run_name=run_name("pseudo-boxes -> {config.out}"))
 def detect_label_flow(config: PseudoBoxConfig) -> dict[str, Any]:
     stage = PseudoBoxStage(config)
     stats = run_units(stage, what="pseudo-boxes")
     summary = stage.summarize(stats)
     publish_table([{"metric": k, "value": str(v)} for k, v in summary.items()],
-                  "pseudo-boxes", f"Pseudo-boxes of `{config.checkpoint}`")  # fmt: skip
+                  "pseudo-boxes", f"Pseudo-boxes of `{config.checkpoint}`",
+                  location=config.out)  # fmt: skip
     return summary
 
 
@@ -90,7 +93,7 @@ def _detector(config: DetectionStudyConfig, seed: int, **fields: Any) -> DetectT
     return DetectTrainConfig.model_validate({**config.detector, "seed": seed, **fields})
 
 
-@flow(name="detection", flow_run_name="detection teacher-student -> {config.root}")
+@flow(name="detection", flow_run_name=run_name("detection teacher-student -> {config.root}"))
 def detection_flow(config: DetectionStudyConfig) -> dict[str, Any]:
     """The detection teacher-student loop per seed (see the module's docstring)."""
     log = get_run_logger()
@@ -145,7 +148,9 @@ def detection_flow(config: DetectionStudyConfig) -> dict[str, Any]:
             log.info("seed %d %s: mAP %.4f mAP@.5 %.4f", seed, method, res.map, res.map_50)
     urls = write_study_report(rows, config.root, tables.lineage(config, stage="detection-study"))
     markdown = storage.read_bytes(urls["md"]).decode()
-    publish_markdown(markdown, "detection-study", "Detection teacher-student study")
+    publish_markdown(
+        markdown, "detection-study", "Detection teacher-student study", location=config.root
+    )
     return {"rows": rows, "markdown": markdown, **urls}
 
 
@@ -167,7 +172,7 @@ def _count(urls: list[str]) -> int:
     return total
 
 
-@flow(name="localize-train", flow_run_name="localize train {config.arch} -> {config.out}")
+@flow(name="localize-train", flow_run_name=run_name("localize train {config.arch} -> {config.out}"))
 def localize_train_flow(config: Any) -> dict[str, Any]:
     """Train a localizer (TrainStage with the localization task); score it on
     ``config.test`` when given."""
@@ -181,12 +186,12 @@ def localize_train_flow(config: Any) -> dict[str, Any]:
     return summary
 
 
-@flow(name="localize-eval", flow_run_name="localize eval {checkpoint}")
+@flow(name="localize-eval", flow_run_name=run_name("localize eval {checkpoint}"))
 def localize_eval_flow(
     checkpoint: str, shards: list[str], out: str, split: str = "test", device: str = "auto"
 ) -> dict[str, Any]:
     row = _evaluate_localizer(checkpoint, shards, out, split, device)
-    publish_table([row], "localize", f"Localization of `{checkpoint}`")
+    publish_table([row], "localize", f"Localization of `{checkpoint}`", location=out)
     return row
 
 

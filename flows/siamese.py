@@ -26,13 +26,13 @@ from cvpipe.infer.config import InferConfig
 from cvpipe.learn.config import TrainConfig
 from cvpipe.learn.siamese import SiameseTrainConfig
 from flows.teacher import infer_flow
-from tasks.artifacts import publish_markdown, publish_table, summary_rows
+from tasks.artifacts import publish_markdown, publish_table, run_name, summary_rows
 from tasks.training import train, train_run
 
 FEATURES = ("siamese", "teacher", "random")
 
 
-@flow(name="siamese-train", flow_run_name="siamese train {config.out}")
+@flow(name="siamese-train", flow_run_name=run_name("siamese train {config.out}"))
 def siamese_train_flow(config: SiameseTrainConfig) -> dict[str, Any]:
     """One Siamese run through the shared loop (skipped when committed)."""
     result = train_run(config.job())
@@ -88,7 +88,7 @@ def _data(config: SiameseConfig) -> tuple[list[str], list[str]]:
     return urls["labeled"], urls["test"]
 
 
-@flow(name="siamese", flow_run_name="siamese -> {config.root}")
+@flow(name="siamese", flow_run_name=run_name("siamese -> {config.root}"))
 def siamese_flow(config: SiameseConfig) -> dict[str, Any]:
     """The study; returns the markdown table and the artifacts' URLs."""
     train_shards, eval_shards = _data(config)

@@ -26,12 +26,12 @@ from cvpipe.learn.tasks.weak import WeakTask
 from cvpipe.learn.weak import WordEvalJob, WordEvalStage, nearest_words
 from flows.datasets import export_digits_flow
 from flows.ingest import ingest_flow
-from tasks.artifacts import publish_markdown, publish_table, summary_rows
+from tasks.artifacts import publish_markdown, publish_table, run_name, summary_rows
 from tasks.stage import run_units
 from tasks.training import run_single, train_run
 
 
-@flow(name="vocab", flow_run_name="vocab {config.out}")
+@flow(name="vocab", flow_run_name=run_name("vocab {config.out}"))
 def vocab_flow(config: VocabConfig) -> dict[str, Any]:
     """Count every shard's words (one task run per shard), merge the partials
     ``fan_in`` at a time, level by level, and publish the ``size`` most frequent words.
@@ -56,7 +56,7 @@ def vocab_flow(config: VocabConfig) -> dict[str, Any]:
     return result
 
 
-@flow(name="word-targets", flow_run_name="word targets {config.out}")
+@flow(name="word-targets", flow_run_name=run_name("word targets {config.out}"))
 def targets_flow(config: TargetsConfig) -> dict[str, Any]:
     """Every shard's word targets over the vocabulary (one task run per shard)."""
     stage = TargetsStage(config)
@@ -70,7 +70,7 @@ def _urls(spec: str | list[str] | None) -> list[str]:
     return expand_specs(spec, ".tar") if spec else []
 
 
-@flow(name="train-weak", flow_run_name="train-weak {config.out}")
+@flow(name="train-weak", flow_run_name=run_name("train-weak {config.out}"))
 def train_weak_flow(config: WeakTrainConfig) -> dict[str, Any]:
     """Word targets of every shard (train, val, test), a multi-label model on the
     training shards (the vocabulary is its class list), and with test shards the
@@ -137,7 +137,7 @@ def train_weak_flow(config: WeakTrainConfig) -> dict[str, Any]:
     return result
 
 
-@flow(name="words", flow_run_name="words {query} in {checkpoint}")
+@flow(name="words", flow_run_name=run_name("words {query} in {checkpoint}"))
 def words_flow(checkpoint: str, query: str, k: int = 10) -> list[dict[str, Any]]:
     """The ``k`` words nearest to ``query`` in the output layer of a weakly supervised
     model (cosine of the head's rows), as a table artifact."""
@@ -153,7 +153,7 @@ def words_flow(checkpoint: str, query: str, k: int = 10) -> list[dict[str, Any]]
 DEMO_WORDS = ("seven", "zero", "one", "odd", "round")
 
 
-@flow(name="weak-demo", flow_run_name="weak demo -> {out}")
+@flow(name="weak-demo", flow_run_name=run_name("weak demo -> {out}"))
 def weak_demo_flow(out: str, epochs: int = 15, seed: int = 0) -> dict[str, Any]:
     """The weak-label part of the demo (about 2 minutes on 2 cores): SYNTHETIC captions
     for the digits (70% to train on, 30% held out), the vocabulary with the generator's

@@ -24,7 +24,7 @@ from cvpipe.learn.config import WeakTrainConfig
 from flows.ingest import ingest_flow
 from flows.semi_supervised import digits_data_flow, semi_supervised_flow
 from flows.weak import train_weak_flow, vocab_flow
-from tasks.artifacts import publish_markdown
+from tasks.artifacts import publish_markdown, run_name
 
 
 def chosen_url(ssl_root: str, seed: int | str) -> str:
@@ -91,7 +91,7 @@ def weak_pretraining_flow(config: WeakTeacherConfig, ssl_root: str, seed: int) -
     return [{"seed": seed, "epochs": best, **r} for r in tested["precision"]]
 
 
-@flow(name="weak-teacher", flow_run_name="weak teacher -> {config.root}")
+@flow(name="weak-teacher", flow_run_name=run_name("weak teacher -> {config.root}"))
 def weak_teacher_flow(config: WeakTeacherConfig) -> dict[str, Any]:
     """The comparison for every seed; returns both tables as markdown."""
     weak_root = storage.join(config.root, "weak_init")

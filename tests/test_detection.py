@@ -112,7 +112,7 @@ def test_map_of_perfect_predictions_is_one_and_of_wrong_ones_zero():
 @pytest.mark.parametrize(
     ("classifier", "detector"),
     [("mobilenet_v3_large", "fasterrcnn_mobilenet_v3_large_fpn"),
-     ("resnet50", "fasterrcnn_resnet50_fpn")],
+     ("resnet50", "fasterrcnn_resnet50_fpn"), ("small_cnn", "fasterrcnn_small_cnn")],
 )  # fmt: skip
 def test_backbone_transfer_loads_the_students_weights(tmp_path, classifier, detector):
     torch.manual_seed(1)
@@ -134,11 +134,20 @@ def test_backbone_transfer_loads_the_students_weights(tmp_path, classifier, dete
             ("backbone.conv1.weight", "backbone.body.conv1.weight"),
             ("backbone.layer4.2.bn3.running_var", "backbone.body.layer4.2.bn3.running_var"),
         ]
+    elif classifier == "small_cnn":
+        pairs = [
+            ("backbone.conv1.0.weight", "backbone.body.conv1.0.weight"),
+            ("backbone.conv3.1.running_mean", "backbone.body.conv3.1.running_mean"),
+        ]
     else:
         pairs = [
             ("backbone.features.0.0.weight", "backbone.body.0.0.weight"),
             ("backbone.features.16.1.running_mean", "backbone.body.16.1.running_mean"),
         ]
+    for src, value in state.items():  # every transferred tensor is the student's, exactly
+        dst = models.backbone_key(detector, src)
+        if dst is not None:
+            assert torch.equal(after[dst], value), src
     for src, dst in pairs:
         assert torch.equal(after[dst], state[src])
         assert not torch.equal(before[dst], state[src]) or "running" in dst
@@ -149,6 +158,25 @@ def test_backbone_transfer_loads_the_students_weights(tmp_path, classifier, dete
 
     with pytest.raises(ValueError, match="takes the backbone of"):
         models.transfer_backbone(det, state, "resnet18")
+
+
+def test_the_small_cnn_detector_trains_and_detects_on_small_canvases():
+    torch.manual_seed(0)
+    det = models.build_detector("fasterrcnn_small_cnn", 3, 64, 96,
+                                rpn_post_nms_top_n_train=50, box_batch_size_per_image=16)  # fmt: skip
+    assert det.backbone.out_channels == 48 and len(models.detector_stage_modules(det)) == 3
+    images = [torch.rand(3, 64, 64), torch.rand(3, 64, 64)]
+    targets = [{"boxes": torch.tensor([[8.0, 8, 28, 30]]), "labels": torch.tensor([1])},
+               {"boxes": torch.tensor([[30.0, 20, 50, 44]]), "labels": torch.tensor([3])}]  # fmt: skip
+    losses = det.train()(images, targets)
+    assert set(losses) == {"loss_classifier", "loss_box_reg", "loss_objectness",
+                           "loss_rpn_box_reg"}  # fmt: skip
+    sum(losses.values()).backward()
+    assert det.backbone.body.conv1[0].weight.grad is not None
+    out = det.eval()(images)
+    assert len(out) == 2 and out[0]["boxes"].shape[-1] == 4
+    with pytest.raises(ValueError, match="one feature level"):
+        models.build_detector("fasterrcnn_small_cnn", 3, 64, 96, returned_layers=[2])
 
 
 # ----------------------------------------------------------------------- pseudo-boxes

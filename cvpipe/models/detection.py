@@ -34,6 +34,11 @@ DETECTORS: dict[str, Detector] = {
     "fasterrcnn_resnet50_fpn": Detector(
         "fasterrcnn_resnet50_fpn", "resnet50", ARCHITECTURES["resnet50"].stages
     ),
+    # The digits student's backbone (small_cnn, stride 4, 48 channels) under one
+    # feature level: a detector the pipeline's student transfers into (cheap on a CPU).
+    "fasterrcnn_small_cnn": Detector(
+        "fasterrcnn_small_cnn", "small_cnn", ARCHITECTURES["small_cnn"].stages
+    ),
 }
 
 
@@ -68,7 +73,11 @@ def build_detector(
         raise ValueError(f"unknown detector {arch!r}; choose from {sorted(DETECTORS)}")
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    if returned_layers:
+    if arch == "fasterrcnn_small_cnn":
+        if returned_layers:
+            raise ValueError(f"{arch} has one feature level: returned_layers does not apply")
+        model = _small_cnn_detector(num_classes, min_size, max_size, options)
+    elif returned_layers:
         model = _with_returned_layers(arch, num_classes, min_size, max_size,
                                       list(returned_layers), options)  # fmt: skip
     else:
@@ -142,16 +151,62 @@ def _with_returned_layers(
                       rpn_anchor_generator=anchors, **options)  # fmt: skip
 
 
+class _SingleLevel(nn.Module):
+    """A backbone ``body`` returning one feature map, with the ``out_channels`` that
+    torchvision's detectors read."""
+
+    def __init__(self, body: nn.Module, out_channels: int) -> None:
+        super().__init__()
+        self.body = body
+        self.out_channels = out_channels
+
+    def forward(self, x: Any) -> Any:
+        return self.body(x)
+
+
+# Anchors for digits of ~10-40 pixels on small canvases (one size set on the one level).
+SMALL_CNN_ANCHORS = (8, 16, 32)
+SMALL_CNN_BOX_HEAD = 128
+
+
+def _small_cnn_detector(
+    num_classes: int, min_size: int, max_size: int, options: dict[str, Any]
+) -> nn.Module:
+    """Faster R-CNN on the small_cnn classifier's three conv blocks (its body keeps their
+    names, so a small_cnn checkpoint's backbone loads into it), RoI-aligned on the one
+    stride-4 feature map, with a narrow box head."""
+    from torchvision.models._utils import IntermediateLayerGetter
+    from torchvision.models.detection import FasterRCNN
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+    from torchvision.ops import MultiScaleRoIAlign
+
+    from cvpipe.models.nets import SmallCNN
+
+    cnn = SmallCNN()
+    body = IntermediateLayerGetter(cnn, {"conv3": "0"})  # conv1..conv3, the pooling dropped
+    backbone = _SingleLevel(body, cnn.out_features)
+    anchors = AnchorGenerator((SMALL_CNN_ANCHORS,), (ASPECT_RATIOS,))
+    pool = MultiScaleRoIAlign(featmap_names=["0"], output_size=7, sampling_ratio=2)
+    head = TwoMLPHead(cnn.out_features * 7 * 7, SMALL_CNN_BOX_HEAD)
+    return FasterRCNN(backbone, min_size=min_size, max_size=max_size,
+                      rpn_anchor_generator=anchors, box_roi_pool=pool, box_head=head,
+                      box_predictor=FastRCNNPredictor(SMALL_CNN_BOX_HEAD, num_classes + 1),
+                      **options)  # fmt: skip
+
+
 def backbone_key(arch: str, classifier_key: str) -> str | None:
     """Where a classifier's state_dict key lives in a detector of ``arch`` (None when
     the detector's backbone has no such tensor, e.g. the classifier's head)."""
     if not classifier_key.startswith("backbone."):
         return None
     rest = classifier_key[len("backbone.") :]
+    head, _, _ = rest.partition(".")
+    if arch == "fasterrcnn_small_cnn":
+        return "backbone.body." + rest if head in DETECTORS[arch].stages else None
     if arch.startswith("fasterrcnn_mobilenet"):
         # The detector's body is the classifier's ``features``, children renumbered alike.
         return "backbone.body." + rest[len("features.") :] if rest.startswith("features.") else None
-    head, _, _ = rest.partition(".")
     if head in ("conv1", "bn1") or head.startswith("layer"):
         return "backbone.body." + rest
     return None

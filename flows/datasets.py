@@ -49,16 +49,15 @@ def canvases_flow(config: CanvasesConfig) -> dict[str, dict]:
     from flows.ingest import ingest_flow
 
     c = config
-    counts = canvases.export_canvases(
-        c.out,
-        {"labeled": c.labeled, "unlabeled": c.unlabeled, "test": c.test},
-        size=c.size,
-        objects=(c.min_objects, c.max_objects),
-        digit_px=(c.min_digit_px, c.max_digit_px),
-        max_overlap=c.max_overlap,
-        seed=c.seed,
-    )
-    get_run_logger().info("exported canvases to %s: %s", c.out, counts)
+    wanted = {"labeled": c.labeled, "unlabeled": c.unlabeled, "test": c.test}
+    wanted = {split: n for split, n in wanted.items() if n > 0}
+    if all(os.path.exists(canvases.manifest_path(c.out, s)) for s in wanted):
+        # Exported before (each split's manifest is written last, atomically): the
+        # ingest below skips its committed shards, so a rerun writes nothing.
+        counts = wanted
+    else:
+        counts = _export_canvases(c, wanted)
+    get_run_logger().info("canvases in %s: %s", c.out, counts)
     summaries = {
         split: ingest_flow(
             IngestConfig(source=canvases.manifest_path(c.out, split), root=c.out,
@@ -73,3 +72,17 @@ def canvases_flow(config: CanvasesConfig) -> dict[str, dict]:
                          name="digits", shard_size=max(c.shard_size, 500))
         )  # fmt: skip
     return summaries
+
+
+def _export_canvases(c: CanvasesConfig, wanted: dict[str, int]) -> dict[str, int]:
+    from cvpipe.data import canvases
+
+    return canvases.export_canvases(
+        c.out,
+        wanted,
+        size=c.size,
+        objects=(c.min_objects, c.max_objects),
+        digit_px=(c.min_digit_px, c.max_digit_px),
+        max_overlap=c.max_overlap,
+        seed=c.seed,
+    )

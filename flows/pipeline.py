@@ -1,25 +1,41 @@
 """The mission as one DAG of dependent subflows, run per partition.
 
     data -> ingest (D, test, the partition) -> teacher (trained on D) -> shard checks and
-    inference on the partition -> top-K selection over every partition so far -> materialize D^ ->
-    student pretrained on D^ -> fine-tuned on D -> evaluated on test
+    inference on the partition -> anchor labels of the partition
+                               -> top-K selection over every partition so far
+                                  -> materialize D^ -> student pretrained on D^
+                                     -> fine-tuned on D -> evaluated on test
+                                        -> detector on canvases, backbone from the student
+                                  -> Siamese embedding net on the selection's labels
+                                     -> every image embedded -> FAISS index (built on the
+                                        first partition, later ones added) -> retrieval
 
 Each stage is a subflow that reads the previous stages' committed outputs by URL and
 skips its own committed work, so a rerun after any failure continues where it stopped,
-and a rerun of a finished pipeline writes nothing. A stage switched off (or left out
-of ``stages``) runs nothing; later stages use what earlier runs committed.
+and a rerun of a finished pipeline writes nothing. ``stages`` names the stages to run;
+what they need (flows/pipeline_config.py NEEDS) is read from earlier runs when not
+named or switched off, and is a clear error only when no earlier run committed it.
 
-Layout under ``root`` (``T``, ``S`` and ``P`` are short hashes of the identity of the
-teacher, selection and student settings, so changed settings never reuse stale work):
+Layout under ``root`` (``T``, ``S``, ``P``... are short hashes of the identity of the
+settings of each stage: flows/pipeline_layout.py, so changed settings never reuse stale
+work):
 
-    png/                          the bundled digits, exported once (digits data only)
-    shards/{labeled,test,<partition>}/   ingested WebDataset shards + index/ + rejects/
+    png/, manifests/              the bundled digits, exported once (digits data only)
+    shards/{labeled,test,<partition>,anchor-*}/   ingested shards + index/ + rejects/
     models/teacher-T/             the teacher's checkpoints, metrics and eval/
-    infer/teacher-T/              predictions/, rejects/ of every partition
+    infer/teacher-T/              predictions/ (and features/) of every partition
+    anchors/teacher-T-A/          anchors.parquet (+ the anchor datasets' features)
+    labels/teacher-T-A-L/<partition>/    anchor labels of each partition
     select/teacher-T-S/           selection.parquet, selection_report.{parquet,md}
     pseudo/teacher-T-S/shards/    D^: the selected images with their pseudo-labels
-    models/student-P/, models/finetuned-P/     the student before and after fine-tuning
-    reports/<partition>.md        what this run produced, with every path
+    models/student-T-S-P/, models/finetuned-T-S-P/   the student before and after fine-tuning
+    canvases-C/                   digits on canvases with boxes: canvases/, shards/
+    models/detector-T-S-P-C-D/    the detector (backbone from the student) and eval/
+    models/siamese-T-S-E/         the embedding net
+    embed/siamese-T-S-E/features/<partition>/    embeddings of every image (and test/)
+    index/siamese-T-S-E-I/        the FAISS index: part 0 the first partition, then adds
+    retrieval/siamese-T-S-E-I/    retrieval on the test split (indexes, neighbours)
+    reports/<partition>.md        what this run produced, with every path and figure
 """
 
 from __future__ import annotations
@@ -28,74 +44,44 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from cvpipe.core import storage, tables
+from cvpipe.core import storage
 from cvpipe.data.config import IngestConfig
 from cvpipe.data.integrity import VerifyConfig
-from cvpipe.infer.config import InferConfig
 from cvpipe.label import selection
 from cvpipe.label.config import MaterializeConfig, SelectConfig
 from cvpipe.learn.config import TrainConfig
 from flows.datasets import export_digits_flow
 from flows.ingest import ingest_flow, verify_flow
-from flows.pipeline_config import STAGES, PipelineConfig
-from flows.teacher import infer_flow, materialize_flow, select_flow
+from flows.pipeline_config import NEEDS, STAGES, PipelineConfig
+from flows.pipeline_layout import Layout
+from flows.pipeline_stages import (
+    anchor_labels_flow,
+    detector_flow,
+    index_flow,
+    require,
+    siamese_train,
+    teacher_inference,
+)
+from flows.teacher import materialize_flow, select_flow
 from tasks.artifacts import publish_markdown
 from tasks.training import evaluate, train
 
-
-class Layout:
-    """Every URL of a pipeline run, derived from its config alone."""
-
-    def __init__(self, config: PipelineConfig) -> None:
-        c = self.config = config
-        self.root = c.root
-        self.teacher_id = tables.config_hash([c.teacher.train, c.teacher.init])[:8]
-        self.select_id = tables.config_hash([c.infer.top_p, c.select.top_k])[:8]
-        self.student_id = tables.config_hash([c.student.train, c.finetune.train])[:8]
-
-    def join(self, *parts: str) -> str:
-        return storage.join(self.root, *parts)
-
-    def shards(self, partition: str) -> str:
-        return self.join("shards", partition)
-
-    @property
-    def teacher_dir(self) -> str:
-        return self.join("models", f"teacher-{self.teacher_id}")
-
-    @property
-    def infer_dir(self) -> str:
-        return self.join("infer", f"teacher-{self.teacher_id}")
-
-    @property
-    def select_dir(self) -> str:
-        return self.join("select", f"teacher-{self.teacher_id}-{self.select_id}")
-
-    @property
-    def pseudo_dir(self) -> str:
-        return self.join("pseudo", f"teacher-{self.teacher_id}-{self.select_id}")
-
-    @property
-    def student_dir(self) -> str:
-        return self.join("models", f"student-{self.teacher_id}-{self.select_id}-{self.student_id}")
-
-    @property
-    def finetuned_dir(self) -> str:
-        return self.join(
-            "models", f"finetuned-{self.teacher_id}-{self.select_id}-{self.student_id}"
-        )
-
-    def report(self, partition: str) -> str:
-        return self.join("reports", f"{partition}.md")
+__all__ = ["Layout", "pipeline_flow"]
 
 
 def _committed_checkpoint(out: str, stage: str) -> str:
-    url = storage.join(out, "final.pt")
-    if not storage.is_committed(url):
-        raise ValueError(
-            f"stage {stage!r} is off, and no earlier run committed {url}: enable it once"
-        )
-    return url
+    return require(storage.join(out, "final.pt"), stage)
+
+
+def _closure(stages: list[str]) -> set[str]:
+    """The named stages and every stage they read from."""
+    todo, seen = list(stages), set()
+    while todo:
+        stage = todo.pop()
+        if stage not in seen:
+            seen.add(stage)
+            todo.extend(NEEDS[stage])
+    return seen
 
 
 def _tars(spec: str) -> list[str]:
@@ -156,27 +142,28 @@ def _score(checkpoint: str, test: list[str], cfg: TrainConfig) -> dict[str, floa
 @flow(name="pipeline", flow_run_name="pipeline {config.partition}")
 def pipeline_flow(config: PipelineConfig, stages: list[str] | None = None) -> dict[str, Any]:
     """Run the DAG for ``config.partition``. ``stages`` (default: all) names the stages
-    to run; the DAG stops after the last of them, and a stage before it that is not
-    named (or is switched off) contributes what an earlier run committed."""
+    to run; what they read from a stage not named (or switched off) is what an earlier
+    run committed, and nothing past them runs."""
     unknown = sorted(set(stages or ()) - set(STAGES))
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; the stages are {list(STAGES)}")
     logger = get_run_logger()
     layout = Layout(config)
     p = config.partition
-    reach = max(STAGES.index(s) for s in stages) if stages else len(STAGES) - 1
 
     def on(stage: str) -> bool:
         return getattr(config, stage).enabled and (stages is None or stage in stages)
 
+    wanted = _closure(stages if stages is not None else [s for s in STAGES if on(s)])
+
     def needed(stage: str) -> bool:
-        return STAGES.index(stage) <= reach
+        return stage in wanted
 
     if not on("ingest"):
         config = config.model_copy(update={"ingest": config.ingest.model_copy(
             update={"enabled": False})})  # fmt: skip
     folders = data_flow(config, config.root, p)
-    summary: dict[str, Any] = {"partition": p, "root": config.root}
+    summary: dict[str, Any] = {"partition": p, "root": config.root, "shards": folders}
     if not needed("teacher"):
         return _finish(summary, layout, logger)
     labeled, test = _tars(folders["labeled"]), _tars(folders["test"])
@@ -194,11 +181,12 @@ def pipeline_flow(config: PipelineConfig, stages: list[str] | None = None) -> di
     if on("infer"):
         checks = verify_flow(VerifyConfig(shards=folders[p]))
         summary["quarantined"] = checks["failures"]
-        i = config.infer
-        infer_flow(InferConfig(shards=folders[p], checkpoint=teacher, out=layout.infer_dir,
-                               top_p=i.top_p, batch_size=i.batch_size, device=i.device,
-                               num_workers=i.num_workers, shards_per_unit=i.shards_per_unit,
-                               cpu_threads=i.cpu_threads))  # fmt: skip
+        teacher_inference(config, folders[p], teacher)
+    summary["predictions"] = storage.join(layout.infer_dir, "predictions", p)
+
+    # Anchor labels of the partition, from its features in the teacher's space.
+    if on("anchors"):
+        summary["anchor_labels"] = anchor_labels_flow(config, p, teacher)
 
     # Selection over the predictions of every partition inferred so far.
     predictions = storage.join(layout.infer_dir, "predictions")
@@ -206,7 +194,7 @@ def pipeline_flow(config: PipelineConfig, stages: list[str] | None = None) -> di
         select_flow(SelectConfig(predictions=predictions, out=layout.select_dir,
                                  top_p=config.infer.top_p, top_k=config.select.top_k))  # fmt: skip
     if needed("select"):
-        summary["selection"] = selection.selection_url(layout.select_dir)
+        summary["selection"] = require(selection.selection_url(layout.select_dir), "select")
 
     # D^ as shards: every partition with predictions.
     if on("materialize"):
@@ -216,6 +204,8 @@ def pipeline_flow(config: PipelineConfig, stages: list[str] | None = None) -> di
         materialize_flow(MaterializeConfig(selection=summary["selection"], shards=unlabeled,
                                            out=layout.pseudo_dir, checkpoint=teacher))  # fmt: skip
     pseudo = storage.join(layout.pseudo_dir, "shards")
+    if needed("materialize"):
+        summary["pseudo"] = require(pseudo, "materialize", bool(_tars(pseudo)))
 
     if needed("student"):
         from cvpipe import models
@@ -235,6 +225,18 @@ def pipeline_flow(config: PipelineConfig, stages: list[str] | None = None) -> di
             finetuned = _committed_checkpoint(layout.finetuned_dir, "finetune")
         summary["finetuned"] = {"checkpoint": finetuned,
                                 **_score(finetuned, test, config.finetune.train)}  # fmt: skip
+
+    # Detection with the fine-tuned student's backbone.
+    if on("detect"):
+        summary["detector"] = detector_flow(config, finetuned)
+
+    # Siamese embedding net on the selection, then every image embedded and indexed.
+    if on("siamese"):
+        embedder = siamese_train(config, pseudo)
+    elif needed("siamese"):
+        embedder = _committed_checkpoint(layout.siamese_dir, "siamese")
+    if on("index"):
+        summary["index"] = index_flow(config, p, folders, embedder)
     return _finish(summary, layout, logger)
 
 
@@ -249,10 +251,8 @@ def _finish(summary: dict[str, Any], layout: Layout, logger: Any) -> dict[str, A
 
 
 def report_markdown(summary: dict[str, Any]) -> str:
-    """What a run produced: the models it has (with test accuracy) and where they are."""
+    """What a run produced: every stage's outputs (paths) and its headline figures."""
     lines = [f"# Pipeline: partition {summary['partition']}", "", f"Root: `{summary['root']}`"]
-    if "selection" in summary:
-        lines.append(f"Selection: `{summary['selection']}`")
     if summary.get("quarantined"):
         lines.append(f"Quarantined shards: {summary['quarantined']}")
     models = [(name, summary[key]) for name, key in (
@@ -262,4 +262,37 @@ def report_markdown(summary: dict[str, Any]) -> str:
         lines += ["", "| model | top-1 (%) | top-5 (%) | checkpoint |", "|---|---|---|---|"]
         lines += [f"| {name} | {100 * s['top1']:.2f} | {100 * s['top5']:.2f} | "
                   f"`{s['checkpoint']}` |" for name, s in models]  # fmt: skip
+    if "detector" in summary:
+        d = summary["detector"]
+        lines += ["", "| detector (backbone from the fine-tuned student) | mAP@.5 (%) | mAP (%) "
+                  "| test canvases | checkpoint |", "|---|---|---|---|---|",
+                  f"| {d['checkpoint'].rsplit('/', 2)[-2]} | {100 * d['map_50']:.2f} | "
+                  f"{100 * d['map']:.2f} | {d['images']} | `{d['checkpoint']}` |"]  # fmt: skip
+    if "index" in summary:
+        x = summary["index"]
+        lines += ["", f"Index: {x['vectors']} vectors in {x['parts']} part(s); retrieval on the "
+                  f"test split: precision@{x['k']} {100 * x['precision']:.2f}%, recall@{x['k']} "
+                  f"(approximate vs exact) {100 * x['recall']:.2f}%"]  # fmt: skip
+    if "anchor_labels" in summary:
+        a = summary["anchor_labels"]
+        lines += ["", f"Anchor labels ({a['method']}, {a['metric']}): {a['images']} images "
+                  f"under {a['labels']} labels ({a['mean']:.1f} per label on average)"]  # fmt: skip
+    outputs = [(f"shards: {k}", v) for k, v in summary.get("shards", {}).items()]
+    outputs += [(name, _url(summary, key)) for name, key in (
+        ("teacher", "teacher"), ("predictions", "predictions"),
+        ("anchors", "anchor_labels.anchors"), ("anchor labels", "anchor_labels.labels"), ("selection", "selection"),
+        ("D^ (pseudo-labeled shards)", "pseudo"), ("student", "student"),
+        ("fine-tuned student", "finetuned"), ("canvases", "detector.canvases"),
+        ("detector", "detector"), ("embeddings", "index.embeddings"),
+        ("index", "index.index"))]  # fmt: skip
+    lines += ["", "| stage output | location |", "|---|---|"]
+    lines += [f"| {name} | `{url}` |" for name, url in outputs if url]
     return "\n".join([*lines, ""])
+
+
+def _url(summary: dict[str, Any], key: str) -> str | None:
+    """``summary[a][b]`` for ``"a.b"``; a model's checkpoint for a model's key."""
+    value: Any = summary
+    for part in key.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value.get("checkpoint") if isinstance(value, dict) else value

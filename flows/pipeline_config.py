@@ -7,18 +7,41 @@ names data sources and settings, never output paths.
 
 from __future__ import annotations
 
+from typing import Any, Literal
+
 from pydantic import Field, model_validator
 
 from cvpipe.core.config import Strict, runtime
 from cvpipe.experiments.config import DigitsSplit
 from cvpipe.learn.config import TrainConfig
 
-STAGES = ("ingest", "teacher", "infer", "select", "materialize", "student", "finetune")
+STAGES = ("ingest", "teacher", "infer", "anchors", "select", "materialize", "student", "finetune",
+          "detect", "siamese", "index")  # fmt: skip
+
+# What each stage reads: running a stage needs these stages' outputs (run now, or
+# committed by an earlier run).
+NEEDS: dict[str, tuple[str, ...]] = {
+    "ingest": (),
+    "teacher": ("ingest",),
+    "infer": ("teacher",),
+    "anchors": ("infer",),
+    "select": ("infer",),
+    "materialize": ("select",),
+    "student": ("materialize",),
+    "finetune": ("student",),
+    "detect": ("finetune",),
+    "siamese": ("select",),
+    "index": ("siamese",),
+}
 
 
 class Section(Strict):
     enabled: bool = Field(True, description="run this stage (off: skipped, later stages use "
                           "what earlier runs committed)")  # fmt: skip
+
+
+class OptionalSection(Section):
+    enabled: bool = Field(False, description="run this stage (off by default)")
 
 
 class DataSection(Strict):
@@ -77,9 +100,98 @@ class FinetuneSection(Section):
     train: TrainConfig = Field(description="fine-tuning the student on D")
 
 
+class AnchorsSection(OptionalSection):
+    """Anchor labeling: named anchor datasets summarized in the teacher's feature space,
+    the partition's features labeled by their distances to them."""
+
+    groups: dict[str, str] = Field(
+        default_factory=dict,
+        description="digits data: anchor name -> digit classes of D, e.g. {round: '0689'}",
+    )
+    sources: dict[str, str] = Field(
+        default_factory=dict, description="own data: anchor name -> its shards or folder"
+    )
+    kind: Literal["mean", "normalized", "softmax"] = "mean"
+    method: Literal["nearest", "cfa", "uniform", "random"] = "nearest"
+    metric: Literal["cosine", "l2", "kl"] = "cosine"
+    n: int = Field(1, ge=1, description="Nearest-N: closest anchors that name the label")
+
+    @model_validator(mode="after")
+    def _anchors(self) -> AnchorsSection:
+        if self.enabled and not (self.groups or self.sources):
+            raise ValueError("anchors: give groups (digits data) or sources")
+        return self
+
+
+class CanvasesSection(Strict):
+    """Digits on photo canvases with exact boxes (flows/datasets.py canvases_flow)."""
+
+    labeled: int = Field(120, ge=1, description="canvases with boxes, for training")
+    test: int = Field(40, ge=1, description="canvases with boxes, from held-out digit scans")
+    size: int = Field(64, ge=32, description="canvas side in pixels")
+    min_objects: int = Field(1, ge=1)
+    max_objects: int = Field(2, ge=1)
+    min_digit_px: int = Field(16, ge=8)
+    max_digit_px: int = Field(28, ge=8)
+    shard_size: int = Field(100, ge=1)
+    seed: int = 0
+
+
+# A CPU-cheap Faster R-CNN on the student's small_cnn backbone for 64-pixel canvases.
+SMALL_DETECTOR: dict[str, Any] = {
+    "arch": "fasterrcnn_small_cnn", "min_size": 64, "max_size": 96, "epochs": 4,
+    "batch_size": 8, "lr": 0.01, "rpn_post_nms_top_n_train": 100,
+    "rpn_post_nms_top_n_test": 50, "box_batch_size_per_image": 32, "cpu_threads": 1,
+}  # fmt: skip
+DETECT_DATA_FIELDS = {"shards", "out", "val", "test", "init"}
+
+
+class DetectSection(OptionalSection):
+    """A detector trained on canvases with its backbone from the fine-tuned student,
+    scored (mAP) on the test canvases."""
+
+    canvases: CanvasesSection = Field(default_factory=CanvasesSection)
+    train: dict[str, Any] = Field(
+        default_factory=lambda: dict(SMALL_DETECTOR),
+        description="DetectTrainConfig fields (not shards/out/val/test/init: the DAG's)",
+    )
+
+    @model_validator(mode="after")
+    def _train(self) -> DetectSection:
+        from cvpipe.learn.detect import DetectTrainConfig
+
+        given = DETECT_DATA_FIELDS & set(self.train)
+        if given:
+            raise ValueError(f"detect.train: {sorted(given)} are set by the pipeline")
+        DetectTrainConfig.model_validate({**self.train, "shards": "-", "out": "-"})
+        return self
+
+
+class SiameseSection(OptionalSection):
+    """An embedding net trained on pairs mined from the top-K selection's pseudo-labels."""
+
+    train: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(arch="small_cnn", epochs=20, batch_size=64, lr=0.05,
+                                            input_size=16),
+        description="the loop's config (arch, epochs, ...)",
+    )  # fmt: skip
+    dim: int = Field(32, ge=1, description="embedding dimensions")
+    margin: float = Field(1.0, gt=0, description="contrastive margin")
+
+
+class IndexSection(OptionalSection):
+    """Every image of each partition embedded, a FAISS index built on the first partition
+    and each later one added (no rebuild); retrieval scored on the test split."""
+
+    kind: Literal["auto", "flat", "ivf", "ivfpq"] = "auto"
+    memory: str = Field("1G", description="memory budget of the index")
+    ks: list[int] = Field(default_factory=lambda: [1, 5, 10], min_length=1)
+
+
 class PipelineConfig(Strict):
     """The mission as one scheduled DAG over a partition: ingest -> teacher inference
-    -> top-K selection -> materialize -> student pretraining -> fine-tuning."""
+    -> anchor labels, top-K selection -> materialize -> student pretraining ->
+    fine-tuning -> detection; selection -> Siamese embedding -> FAISS index."""
 
     root: str = Field(description="output root of every stage")
     partition: str = Field("digits", description="the partition this run processes")
@@ -91,3 +203,13 @@ class PipelineConfig(Strict):
     materialize: Section = Field(default_factory=Section)
     student: StudentSection
     finetune: FinetuneSection
+    anchors: AnchorsSection = Field(default_factory=AnchorsSection)
+    detect: DetectSection = Field(default_factory=DetectSection)
+    siamese: SiameseSection = Field(default_factory=SiameseSection)
+    index: IndexSection = Field(default_factory=IndexSection)
+
+    @model_validator(mode="after")
+    def _sources(self) -> PipelineConfig:
+        if self.anchors.groups and self.data.digits is None:
+            raise ValueError("anchors.groups names digit classes: use sources with own data")
+        return self

@@ -162,12 +162,15 @@ def test_backbone_transfer_loads_the_students_weights(tmp_path, classifier, dete
 
 def test_the_small_cnn_detector_trains_and_detects_on_small_canvases():
     torch.manual_seed(0)
-    det = models.build_detector("fasterrcnn_small_cnn", 3, 64, 96,
-                                rpn_post_nms_top_n_train=50, box_batch_size_per_image=16)  # fmt: skip
+    det = models.build_detector(
+        "fasterrcnn_small_cnn", 3, 64, 96, rpn_post_nms_top_n_train=50, box_batch_size_per_image=16
+    )
     assert det.backbone.out_channels == 48 and len(models.detector_stage_modules(det)) == 3
     images = [torch.rand(3, 64, 64), torch.rand(3, 64, 64)]
-    targets = [{"boxes": torch.tensor([[8.0, 8, 28, 30]]), "labels": torch.tensor([1])},
-               {"boxes": torch.tensor([[30.0, 20, 50, 44]]), "labels": torch.tensor([3])}]  # fmt: skip
+    targets = [
+        {"boxes": torch.tensor([[8.0, 8, 28, 30]]), "labels": torch.tensor([1])},
+        {"boxes": torch.tensor([[30.0, 20, 50, 44]]), "labels": torch.tensor([3])},
+    ]
     losses = det.train()(images, targets)
     assert set(losses) == {"loss_classifier", "loss_box_reg", "loss_objectness",
                            "loss_rpn_box_reg"}  # fmt: skip

@@ -16,7 +16,7 @@ SMALL = {"arch": "small_cnn", "input_size": 16, "batch_size": 32, "cpu_threads":
 
 
 def _config(root: str, **over):
-    from flows.pipeline_config import PipelineConfig
+    from flows.pipeline_config import SMALL_DETECTOR, PipelineConfig
 
     raw = {
         "root": root,
@@ -29,6 +29,14 @@ def _config(root: str, **over):
         "select": {"top_k": 30},
         "student": {"train": {**SMALL, "epochs": 2}},
         "finetune": {"train": {**SMALL, "epochs": 1, "freeze_stages": 2}},
+        "anchors": {"enabled": True, "groups": {"round": "0689", "straight": "147"}},
+        "detect": {
+            "enabled": True,
+            "canvases": {"labeled": 16, "test": 8, "shard_size": 8},
+            "train": {**SMALL_DETECTOR, "epochs": 1, "batch_size": 4},
+        },
+        "siamese": {"enabled": True, "dim": 8, "train": {**SMALL, "epochs": 1}},
+        "index": {"enabled": True, "kind": "flat"},
         **over,
     }
     return PipelineConfig.model_validate(raw)

@@ -280,7 +280,8 @@ def report_markdown(summary: dict[str, Any]) -> str:
     outputs = [(f"shards: {k}", v) for k, v in summary.get("shards", {}).items()]
     outputs += [(name, _url(summary, key)) for name, key in (
         ("teacher", "teacher"), ("predictions", "predictions"),
-        ("anchors", "anchor_labels.anchors"), ("anchor labels", "anchor_labels.labels"), ("selection", "selection"),
+        ("anchors", "anchor_labels.anchors"), ("anchor labels", "anchor_labels.labels_url"),
+        ("selection", "selection"),
         ("D^ (pseudo-labeled shards)", "pseudo"), ("student", "student"),
         ("fine-tuned student", "finetuned"), ("canvases", "detector.canvases"),
         ("detector", "detector"), ("embeddings", "index.embeddings"),

@@ -101,7 +101,7 @@ def anchor_labels_flow(config: PipelineConfig, partition: str, teacher: str) -> 
             checkpoint=teacher if a.kind == "softmax" else None,
         )
     )
-    return {"labels": storage.join(layout.labels_dir, partition), "anchors": layout.anchors_url,
+    return {"labels_url": storage.join(layout.labels_dir, partition), "anchors": layout.anchors_url,
             **stats}  # fmt: skip
 
 

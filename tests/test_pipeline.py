@@ -4,11 +4,13 @@ without committed outputs is a clear error."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
 import yaml
 
+from cvpipe import models
 from cvpipe.core import storage
 
 SMALL = {"arch": "small_cnn", "input_size": 16, "batch_size": 32, "cpu_threads": 1,
@@ -66,17 +68,56 @@ def test_pipeline_runs_the_dag_and_a_rerun_writes_nothing(prefect_harness, tmp_p
     report = storage.read_bytes(out["report"]).decode()
     assert "| student fine-tuned on D |" in report and out["finetuned"]["checkpoint"] in report
 
+    # Anchor labels of the partition, from its features in the teacher's space.
+    assert storage.is_committed(layout.anchors_url)
+    assert storage.list_committed(storage.join(layout.labels_dir, "day1"), ".parquet")
+    assert out["anchor_labels"]["images"] > 0 and out["anchor_labels"]["labels"] <= 2
+    # The detector, its backbone from the fine-tuned student, scored on test canvases.
+    det = out["detector"]
+    assert det["checkpoint"].startswith(layout.detector_dir) and storage.is_committed(
+        det["checkpoint"]
+    )
+    assert 0 <= det["map_50"] <= 1 and det["images"] == 8
+    assert out["finetuned"]["checkpoint"] in json.dumps(models.load_info(det["checkpoint"]).lineage)
+    # The embedding net, and the index of every image of the partition.
+    assert storage.is_committed(storage.join(layout.siamese_dir, "final.pt"))
+    day1_images = out["index"]["vectors"]
+    assert out["index"]["parts"] == 1 and day1_images > 0 and 0 <= out["index"]["precision"] <= 1
+    for text in ("mAP@.5", "precision@10", "Anchor labels", layout.index_dir, layout.labels_dir):
+        assert text in report, text
+
     before = _files(root)
     again = pipeline_flow(config)
     assert _files(root) == before, "a rerun of a finished pipeline wrote files"
     assert again["finetuned"]["top1"] == out["finetuned"]["top1"]
 
-    # Only ingest, inference and selection of a new partition: the teacher is read back.
+    # A new partition, only up to its index: the teacher and the embedding net are read
+    # back, and the partition is ADDED to the index (the first partition's files untouched).
+    from cvpipe.index.store import read_manifest
+
+    first = read_manifest(layout.index_dir)
+    ids0 = _files(storage.join(layout.index_dir, "ids"))
     day2 = config.model_copy(update={"partition": "day2"})
-    only = pipeline_flow(day2, stages=["ingest", "infer", "select"])
+    only = pipeline_flow(day2, stages=["ingest", "infer", "select", "index"])
     assert storage.list_committed(storage.join(layout.infer_dir, "predictions", "day2"), ".parquet")
-    assert only["selection"] == out["selection"] and "student" not in only  # stops at select
+    assert only["selection"] == out["selection"] and "student" not in only  # no student needed
     assert only["teacher"]["checkpoint"] == out["teacher"]["checkpoint"]  # read, not retrained
+    assert only["index"]["parts"] == 2 and only["index"]["vectors"] > day1_images
+    # Added, not rebuilt: the same build, part 0 and its id map as they were.
+    now = read_manifest(layout.index_dir)
+    assert now.build_hash == first.build_hash and now.parts[0] == first.parts[0]
+    assert len(now.parts) == 2 and now.parts[1].start == first.count
+    assert {
+        k: v for k, v in _files(storage.join(layout.index_dir, "ids")).items() if k in ids0
+    } == ids0
+    before = _files(root)
+    pipeline_flow(day2, stages=["ingest", "infer", "select", "index"])
+    assert _files(root) == before, "a partition already in the index was added again"
+
+    # The index needs an embedding net: with other siamese settings none is committed.
+    other = day2.model_copy(update={"siamese": day2.siamese.model_copy(update={"dim": 4})})
+    with pytest.raises(ValueError, match="stage 'siamese' is off"):
+        pipeline_flow(other, stages=["index"])
 
 
 def test_an_off_stage_without_committed_outputs_is_a_clear_error(prefect_harness, tmp_path):
@@ -99,3 +140,4 @@ def test_the_shipped_example_is_a_valid_config():
     raw = yaml.safe_load((files("flows") / "examples" / "pipeline.yaml").read_text())
     config = PipelineConfig.model_validate(raw)
     assert config.data.digits is not None and config.teacher.enabled
+    assert all(getattr(config, s).enabled for s in ("anchors", "detect", "siamese", "index"))

@@ -46,8 +46,11 @@ def fail(message: str) -> None:
 
 def run_flow(fn: Any, *args: Any, **kwargs: Any) -> Any:
     """Run a flow; turn bad input into a one-line error instead of a traceback."""
+    from flows import local_api
+
     try:
-        return fn(*args, **kwargs)
+        with local_api.api():
+            return fn(*args, **kwargs)
     except ValidationError as e:
         fail(str(e))
     except (ValueError, FileNotFoundError, RuntimeError) as e:
@@ -465,8 +468,15 @@ def demo(
 
 
 def main() -> None:
+    from flows import local_api
+
+    wants_help = len(sys.argv) < 2 or any(a in ("--help", "-h") for a in sys.argv[1:])
     try:
-        app()
+        if wants_help:
+            app()
+        else:
+            with local_api.owned_api():  # started now, ready when the first flow runs
+                app()
     except KeyboardInterrupt:
         sys.exit(130)
 

@@ -168,3 +168,14 @@ def test_rank_summaries_refuses_mixed_feature_spaces(tmp_path):
     tgt = _anchors_file(tmp_path / "t2.parquet", ["target"], [TARGET], [1], kind="softmax")
     with pytest.raises(ValueError, match="vector_kind"):
         p2l.rank_summaries(tgt, src, p2l.P2LWeights())
+
+
+def test_rank_summaries_picks_a_named_target(tmp_path):
+    src = _anchors_file(tmp_path / "s.parquet", NAMES, SOURCES, [300] * 4)
+    tgt = _anchors_file(tmp_path / "t.parquet", ["a", "b"], [TARGET, SOURCES[3]], [40, 40])
+    assert p2l.rank_summaries(tgt, src, p2l.P2LWeights(), target="a")[0]["candidate"] == "near"
+    assert p2l.rank_summaries(tgt, src, p2l.P2LWeights(), target="b")[0]["candidate"] == "farthest"
+    with pytest.raises(ValueError, match="name the target"):
+        p2l.rank_summaries(tgt, src, p2l.P2LWeights())
+    with pytest.raises(ValueError, match="no target"):
+        p2l.rank_summaries(tgt, src, p2l.P2LWeights(), target="c")

@@ -130,10 +130,12 @@ def rank_summaries(
     weights: P2LWeights,
     sizes: Mapping[str, int] | None = None,
     checkpoints: Mapping[str, str | None] | None = None,
+    target: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Rank the candidates of an anchors table (one anchor per source) for the target of
-    another (one anchor). Both must come from the same reference model and vector kind;
-    ``sizes`` overrides the image counts of the sources table."""
+    """Rank the candidates of an anchors table (one anchor per source) for a target
+    summarized in another anchors table (its only anchor, or the one named ``target``).
+    Both must come from the same reference model and vector kind; ``sizes`` overrides
+    the image counts of the sources table."""
     t_lin, s_lin = tables.read_lineage(target_url), tables.read_lineage(sources_url)
     for field in ("model_id", "vector_kind"):
         if t_lin.get(field) != s_lin.get(field):
@@ -148,11 +150,14 @@ def rank_summaries(
             f"{s_lin.get('vector_kind')!r}"
         )
     t_names, t_vec, _ = read_anchors(target_url)
-    if len(t_names) != 1:
-        raise ValueError(f"{target_url}: the target summary must be one anchor, got {t_names}")
+    if target is None and len(t_names) != 1:
+        raise ValueError(f"{target_url} holds {t_names}: name the target")
+    if target is not None and target not in t_names:
+        raise ValueError(f"{target_url} has no target {target!r} (it holds {t_names})")
+    t = t_vec[t_names.index(target) if target is not None else 0]
     names, vec, counts = read_anchors(sources_url)
     size = [int((sizes or {}).get(n, c)) for n, c in zip(names, counts, strict=True)]
-    div = divergences(t_vec[0], vec, weights.metric, weights.kl_direction, weights.eps)
+    div = divergences(t, vec, weights.metric, weights.kl_direction, weights.eps)
     return rank(names, size, div, weights, checkpoints)
 
 

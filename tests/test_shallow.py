@@ -9,8 +9,10 @@ import pyarrow as pa
 import pytest
 
 from cvpipe.core import tables
+from cvpipe.core.stage import PermanentError, run_stage
 from cvpipe.data.shards import unit_url
 from cvpipe.learn import shallow
+from cvpipe.learn.config import ShallowConfig
 
 
 def write_split(root, partition, x, labels, hide=()):
@@ -64,7 +66,9 @@ def test_separable_features_reach_100_percent(tmp_path, model):
     xt = xt + np.random.default_rng(9).normal(size=xt.shape) * 0.1
     train_url, _ = write_split(tmp_path, "train", x, y)
     test_url, _ = write_split(tmp_path, "test", xt, yt)
-    row = shallow.run(train_url, str(tmp_path), test_url, str(tmp_path / "out"), model)
+    cfg = ShallowConfig(features=train_url, truth=str(tmp_path), test=test_url,
+                        out=str(tmp_path / "out"), model=model)  # fmt: skip
+    row = shallow.run(cfg)
     assert row["top1"] == 1.0
     assert row["train"] == 120 and row["test"] == 90 and row["classes"] == 3
     got = tables.read_parquet(shallow.result_url(str(tmp_path / "out"))).to_pylist()[0]
@@ -122,9 +126,9 @@ def test_c_is_chosen_on_validation_and_reruns_skip(tmp_path):
     val_url, _ = write_split(tmp_path, "val", *separable(10, classes=2, seed=0))
     test_url, _ = write_split(tmp_path, "test", *separable(10, classes=2, seed=0))
     out = str(tmp_path / "out")
-    row = shallow.run(
-        train_url, str(tmp_path), test_url, out, "logistic", val=val_url, c_grid=[0.1, 1.0]
-    )
+    cfg = ShallowConfig(features=train_url, truth=str(tmp_path), test=test_url, out=out,
+                        model="logistic", val=val_url, c_grid=[0.1, 1.0])  # fmt: skip
+    [row] = run_stage(shallow.ShallowStage(cfg))
     lin = tables.read_lineage(shallow.result_url(out))
     assert set(lin["val_scores"]) == {"0.1", "1.0"}
     assert row["c"] in (0.1, 1.0)
@@ -132,10 +136,11 @@ def test_c_is_chosen_on_validation_and_reruns_skip(tmp_path):
     w, b, classes = shallow.load_head(shallow.head_url(out))
     assert w.shape == (2, 6) and classes == ["0", "1"]
     mtime = (tmp_path / "out" / "shallow.parquet").stat().st_mtime_ns
-    again = shallow.run(
-        train_url, str(tmp_path), test_url, out, "logistic", val=val_url, c_grid=[0.1, 1.0]
-    )
+    [again] = run_stage(shallow.ShallowStage(cfg))
     assert again == row and (tmp_path / "out" / "shallow.parquet").stat().st_mtime_ns == mtime
+    # Another config over the same output is refused, not silently read back.
+    with pytest.raises(PermanentError, match="another config"):
+        run_stage(shallow.ShallowStage(cfg.model_copy(update={"model": "svm"})))
 
 
 def test_bad_inputs(tmp_path):

@@ -29,12 +29,13 @@ from typing import Any
 import numpy as np
 
 from cvpipe.core import tables
+from cvpipe.core.stage import PermanentError, Resources, Stage, Unit
 from cvpipe.core.storage import expand_specs, is_committed, join, read_bytes, write_bytes_atomic
 from cvpipe.data.shards import shard_id, unit_url
 from cvpipe.label.anchors import iter_features, key_hash
+from cvpipe.learn.config import ShallowConfig
 
 MODELS = ("svm", "logistic")
-DEFAULT_C_GRID = (0.01, 0.1, 1.0, 10.0)
 
 
 def result_url(out: str) -> str:
@@ -189,7 +190,7 @@ def fit_select(
     model: str,
     val: Labeled | None = None,
     c: float = 1.0,
-    c_grid: Sequence[float] = DEFAULT_C_GRID,
+    c_grid: Sequence[float] = (0.01, 0.1, 1.0, 10.0),
     seed: int = 0,
 ) -> tuple[ShallowModel, dict[float, float]]:
     """Fit with ``c``, or, given a validation split, with the grid's C of the best
@@ -202,67 +203,66 @@ def fit_select(
     return fit(train, model, best, seed), scored
 
 
-def run(
-    features: str | Sequence[str],
-    truth: str,
-    test: str | Sequence[str],
-    out: str,
-    model: str = "svm",
-    *,
-    val: str | Sequence[str] | None = None,
-    test_truth: str | None = None,
-    per_class: int | None = None,
-    c: float = 1.0,
-    c_grid: Sequence[float] = DEFAULT_C_GRID,
-    seed: int = 0,
-    lineage: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Fit on ``features`` (labels from ``truth``), score on ``test`` (labels from
-    ``test_truth``, default ``truth``); publish ``out/shallow.parquet`` (tables.SHALLOW,
-    one row) and the learner ``out/shallow_head.npz``. Returns the row."""
-    spec = {
-        "features": features,
-        "truth": truth,
-        "test": test,
-        "test_truth": test_truth or truth,
-        "val": val,
-        "model": model,
-        "per_class": per_class,
-        "c": None if val else c,
-        "c_grid": list(c_grid) if val else None,
-        "seed": seed,
-    }
-    chash = tables.config_hash(spec)
-    if (
-        is_committed(result_url(out))
-        and tables.read_lineage(result_url(out)).get("config_hash") == chash
-    ):
-        return tables.read_parquet(result_url(out)).to_pylist()[0]
+def run(config: ShallowConfig, lineage: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Fit on ``config.features`` (labels from ``truth``), score on ``test`` (labels from
+    ``test_truth``, default ``truth``); publish ``out/shallow_head.npz`` and, last,
+    ``out/shallow.parquet`` (tables.SHALLOW, one row). Returns the row."""
+    c = config
     start = time.perf_counter()
-    train = per_class_subset(load_labeled(features, truth), per_class, seed)
-    val_data = load_labeled(val, test_truth or truth) if val else None
-    learner, val_scores = fit_select(train, model, val_data, c, c_grid, seed)
+    train = per_class_subset(load_labeled(c.features, c.truth), c.per_class, c.seed)
+    val = load_labeled(c.val, c.test_truth or c.truth) if c.val else None
+    learner, val_scores = fit_select(train, c.model, val, c.c, c.c_grid, c.seed)
     seconds = time.perf_counter() - start
-    test_data = load_labeled(test, test_truth or truth)
+    test = load_labeled(c.test, c.test_truth or c.truth)
     row = {
-        "model": model,
-        "top1": accuracy(learner, test_data),
+        "model": c.model,
+        "top1": accuracy(learner, test),
         "train": len(train),
-        "test": len(test_data),
+        "test": len(test),
         "classes": len(learner.classes),
-        "per_class": per_class,
+        "per_class": c.per_class,
         "c": learner.c,
         "unlabeled": train.unlabeled,
         "fit_seconds": seconds,
     }
-    learner.save(head_url(out))
-    features_model = tables.read_lineage(expand_specs(features, ".parquet")[0]).get("model_id")
-    extra = {
-        **spec,
+    learner.save(head_url(c.out))
+    first = expand_specs(c.features, ".parquet")[0]
+    lin = tables.lineage(
+        c,
+        stage="shallow",
         **(lineage or {}),
-        "val_scores": {str(k): v for k, v in val_scores.items()},
-        "features_model_id": features_model,
-    }
-    lin = tables.lineage(spec, stage="shallow", **extra)
-    tables.write_parquet(tables.from_rows([row], tables.SHALLOW), result_url(out), lin)
+        shallow_config=c.model_dump(mode="json"),
+        val_scores={str(k): v for k, v in val_scores.items()},
+        features_model_id=tables.read_lineage(first).get("model_id"),
+    )
+    tables.write_parquet(tables.from_rows([row], tables.SHALLOW), result_url(c.out), lin)
     return row
+
+
+class ShallowStage(Stage[ShallowConfig, dict[str, Any]]):
+    """One shallow learner as a stage: a single unit whose commit is ``shallow.parquet``."""
+
+    name = "shallow"
+    resources = Resources(cpus=1)
+
+    def units(self) -> list[Unit]:
+        return [Unit(f"{self.config.model} -> {self.config.out}")]
+
+    def outputs(self, unit: Unit) -> list[str]:
+        return [head_url(self.config.out), result_url(self.config.out)]
+
+    def process(self, unit: Unit) -> dict[str, Any]:
+        return run(self.config)
+
+    def read_back(self, unit: Unit) -> dict[str, Any]:
+        url = result_url(self.config.out)
+        have = tables.read_lineage(url).get("config_hash")
+        if have != tables.config_hash(self.config):
+            raise PermanentError(
+                f"{url} was written by another config (hash {have}, now "
+                f"{tables.config_hash(self.config)}): use a new --out"
+            )
+        return tables.read_parquet(url).to_pylist()[0]
+
+    def describe(self, stats: dict[str, Any]) -> str:
+        return f"{stats['model']}: top-1 {stats['top1']:.4f} on {stats['test']} vectors"

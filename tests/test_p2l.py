@@ -179,3 +179,27 @@ def test_rank_summaries_picks_a_named_target(tmp_path):
         p2l.rank_summaries(tgt, src, p2l.P2LWeights())
     with pytest.raises(ValueError, match="no target"):
         p2l.rank_summaries(tgt, src, p2l.P2LWeights(), target="c")
+
+
+def test_candidates_file_forms_and_errors(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("candidates:\n  a: {shards: x/, checkpoint: a.pt, size: 50}\n  b: y/\n")
+    c = p2l.load_candidates(str(f))
+    assert c.candidates["a"].size == 50 and c.candidates["b"].shards == "y/"
+    f.write_text("a: x/\nb: [y/1.tar, y/2.tar]\n")  # bare name -> shards
+    assert p2l.load_candidates(str(f)).candidates["b"].shards == ["y/1.tar", "y/2.tar"]
+    f.write_text("candidates:\n  a: {checkpoint: a.pt}\n")
+    with pytest.raises(ValueError, match="no shards"):
+        p2l.load_candidates(str(f))
+    f.write_text("candidates:\n  a: {shards: x/, sise: 3}\n")
+    with pytest.raises(ValueError, match="sise"):
+        p2l.load_candidates(str(f))
+
+
+def test_rank_summaries_restricts_to_candidates(tmp_path):
+    src = _anchors_file(tmp_path / "s.parquet", NAMES, SOURCES, [300] * 4)
+    tgt = _anchors_file(tmp_path / "t.parquet", ["target"], [TARGET], [40])
+    rows = p2l.rank_summaries(tgt, src, p2l.P2LWeights(), candidates=["far", "mid"])
+    assert [r["candidate"] for r in rows] == ["mid", "far"]
+    with pytest.raises(ValueError, match="no summary"):
+        p2l.rank_summaries(tgt, src, p2l.P2LWeights(), candidates=["zzz"])

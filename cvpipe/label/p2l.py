@@ -46,9 +46,12 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+from pydantic import ValidationError
 
 from cvpipe.core import tables
+from cvpipe.core.storage import read_bytes
 from cvpipe.label.anchors import DEFAULT_EPS, anchor_distances, read_anchors
+from cvpipe.label.config import CandidatesFile
 
 METRICS = ("kl", "cosine", "l2")
 
@@ -131,11 +134,12 @@ def rank_summaries(
     sizes: Mapping[str, int] | None = None,
     checkpoints: Mapping[str, str | None] | None = None,
     target: str | None = None,
+    candidates: Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
-    """Rank the candidates of an anchors table (one anchor per source) for a target
-    summarized in another anchors table (its only anchor, or the one named ``target``).
-    Both must come from the same reference model and vector kind; ``sizes`` overrides
-    the image counts of the sources table."""
+    """Rank the candidates of an anchors table (one anchor per source; all of them, or
+    only ``candidates``) for a target summarized in another anchors table (its only
+    anchor, or the one named ``target``). Both must come from the same reference model
+    and vector kind; ``sizes`` overrides the image counts of the sources table."""
     t_lin, s_lin = tables.read_lineage(target_url), tables.read_lineage(sources_url)
     for field in ("model_id", "vector_kind"):
         if t_lin.get(field) != s_lin.get(field):
@@ -156,6 +160,12 @@ def rank_summaries(
         raise ValueError(f"{target_url} has no target {target!r} (it holds {t_names})")
     t = t_vec[t_names.index(target) if target is not None else 0]
     names, vec, counts = read_anchors(sources_url)
+    if candidates is not None:
+        missing = sorted(set(candidates) - set(names))
+        if missing:
+            raise ValueError(f"{sources_url} has no summary of candidate(s) {missing}")
+        keep = [i for i, n in enumerate(names) if n in set(candidates)]
+        names, vec, counts = [names[i] for i in keep], vec[keep], counts[keep]
     size = [int((sizes or {}).get(n, c)) for n, c in zip(names, counts, strict=True)]
     div = divergences(t, vec, weights.metric, weights.kl_direction, weights.eps)
     return rank(names, size, div, weights, checkpoints)
@@ -163,6 +173,42 @@ def rank_summaries(
 
 def ranking_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
     return tables.from_rows(list(rows), tables.P2L_RANKING)
+
+
+def write_ranking(
+    rows: Sequence[Mapping[str, Any]], url: str, weights: P2LWeights, lineage: Mapping[str, Any]
+) -> None:
+    """The ranking Parquet, with the weights and divergence that made it in the lineage."""
+    tables.write_parquet(
+        ranking_table(rows), url, {**tables.lineage(), **lineage, "weights": asdict(weights)}
+    )
+
+
+def load_candidates(url: str) -> CandidatesFile:
+    """CANDIDATES.yaml (see :class:`cvpipe.label.config.CandidatesFile`); a bare
+    ``name: shards`` mapping is read as candidates with shards only."""
+    import yaml
+
+    raw = yaml.safe_load(read_bytes(url))
+    if not isinstance(raw, dict):
+        raise ValueError(f"{url} must hold a mapping (candidates: name -> shards/checkpoint)")
+    if "candidates" not in raw:
+        raw = {"candidates": raw}
+    raw["candidates"] = {
+        str(k): {"shards": v} if isinstance(v, (str, list)) else v
+        for k, v in (raw["candidates"] or {}).items()
+    }
+    try:
+        cands = CandidatesFile.model_validate(raw)
+    except ValidationError as e:
+        raise ValueError(f"{url}: {e}") from None
+    if cands.summaries is None:
+        bare = sorted(n for n, c in cands.candidates.items() if not c.shards)
+        if bare:
+            raise ValueError(
+                f"{url}: candidate(s) {bare} have no shards and no summaries are given"
+            )
+    return cands
 
 
 # ------------------------------------------------------------------------ weight fit

@@ -467,6 +467,12 @@ def demo(
         )
 
 
+# p2l, shallow, transfer (their own module; they use the helpers above when they run).
+from flows import cli_transfer  # noqa: E402
+
+cli_transfer.register(app)
+
+
 def main() -> None:
     from flows import local_api
 

@@ -45,7 +45,8 @@ def summarize(
 ) -> str:
     """Summaries of named datasets in the reference model's space: the anchors stage
     (features of each dataset, partial sums, merged). A committed table made from the
-    same shards, reference model and kind is reused as it is."""
+    same shards, reference model and kind is reused as it is. Name ``out_url`` after the
+    kind: the anchors stage keeps its partial sums beside it, whatever their kind."""
     if storage.is_committed(out_url):
         lin = tables.read_lineage(out_url)
         if (
@@ -103,14 +104,14 @@ def p2l_flow(config: P2LConfig) -> list[dict[str, Any]]:
     sources_url = cands.summaries or summarize(
         {n: c.shards for n, c in cands.candidates.items()},
         config.reference,
-        storage.join(summaries, "sources.parquet"),
+        storage.join(summaries, f"sources-{weights.kind}.parquet"),
         weights.kind,
         **runtime,
     )
     target_url = summarize(
         {"target": config.target},
         config.reference,
-        storage.join(summaries, "target.parquet"),
+        storage.join(summaries, f"target-{weights.kind}.parquet"),
         weights.kind,
         **runtime,
     )

@@ -60,8 +60,9 @@ def test_latency_counts_per_image():
             calls.append(x.shape[0])
             return x.sum()
 
-    ms = costs.latency_ms(Probe(), 8, 4, torch.device("cpu"), warmup=2, min_repeats=3,
-                          min_seconds=0.0)  # fmt: skip
+    ms = costs.latency_ms(
+        Probe(), 8, 4, torch.device("cpu"), warmup=2, min_repeats=3, min_seconds=0.0
+    )
     assert calls == [4] * 5 and ms > 0
 
 

@@ -20,8 +20,16 @@ def _one_thread():
 
 
 def cfg(**kw) -> TrainConfig:
-    base = dict(arch="small_cnn", input_size=16, epochs=1, batch_size=32, lr=0.05,
-                shuffle_buffer=64, device="cpu", seed=1)  # fmt: skip
+    base = dict(
+        arch="small_cnn",
+        input_size=16,
+        epochs=1,
+        batch_size=32,
+        lr=0.05,
+        shuffle_buffer=64,
+        device="cpu",
+        seed=1,
+    )
     return TrainConfig(**{**base, **kw})
 
 

@@ -203,3 +203,13 @@ def test_rank_summaries_restricts_to_candidates(tmp_path):
     assert [r["candidate"] for r in rows] == ["mid", "far"]
     with pytest.raises(ValueError, match="no summary"):
         p2l.rank_summaries(tgt, src, p2l.P2LWeights(), candidates=["zzz"])
+
+
+def test_divergence_table_matches_divergences(tmp_path):
+    src = _anchors_file(tmp_path / "s.parquet", NAMES, SOURCES, [10, 20, 30, 40])
+    tgt = _anchors_file(tmp_path / "t.parquet", ["a", "b"], [TARGET, SOURCES[1]], [5, 5])
+    sizes, div = p2l.divergence_table(tgt, src, p2l.P2LWeights(metric="cosine"))
+    assert sizes == {"far": 30, "farthest": 40, "mid": 20, "near": 10}
+    want = p2l.divergences(SOURCES[1], SOURCES, "cosine")
+    assert [div["b"][n] for n in NAMES] == pytest.approx(want.tolist(), abs=1e-6)
+    assert div["b"]["mid"] == pytest.approx(0.0, abs=1e-6)

@@ -26,9 +26,16 @@ def grid(w_size=0.03, w_div=0.2, targets=6, sources=6, seeds=3, noise=0.0, seed=
             for s in range(seeds):
                 e = rng.normal(0, noise) if noise else 0.0
                 rows.append(
-                    {"target": f"t{t}", "source": name, "seed": s, "size": size,
-                     "divergence": d, "val_top1": acc + e, "test_top1": acc - e}
-                )  # fmt: skip
+                    {
+                        "target": f"t{t}",
+                        "source": name,
+                        "seed": s,
+                        "size": size,
+                        "divergence": d,
+                        "val_top1": acc + e,
+                        "test_top1": acc - e,
+                    }
+                )
     return rows
 
 
@@ -52,8 +59,12 @@ def test_noise_free_grid_p2l_always_picks_the_best():
 def test_loto_fit_never_sees_the_held_out_target():
     rows = grid(noise=0.01)
     # Poison one target's results: the weights used to rank it do not change.
-    poisoned = [dict(r, val_top1=r["val_top1"] + (5.0 if r["source"] == "s0" else 0.0))
-                if r["target"] == "t2" else r for r in rows]  # fmt: skip
+    poisoned = [
+        dict(r, val_top1=r["val_top1"] + (5.0 if r["source"] == "s0" else 0.0))
+        if r["target"] == "t2"
+        else r
+        for r in rows
+    ]
     a = pv.loto_weights(pv.aggregate(rows))["t2"]
     b = pv.loto_weights(pv.aggregate(poisoned))["t2"]
     assert a == b
@@ -65,8 +76,17 @@ def test_loto_fit_never_sees_the_held_out_target():
 def test_picks_by_hand():
     rows = []
     for src, size, d, acc in [("a", 100, 0.1, 0.80), ("b", 1000, 0.9, 0.70), ("c", 300, 0.5, 0.75)]:
-        rows.append({"target": "t", "source": src, "seed": 0, "size": size, "divergence": d,
-                     "val_top1": acc, "test_top1": acc})  # fmt: skip
+        rows.append(
+            {
+                "target": "t",
+                "source": src,
+                "seed": 0,
+                "size": size,
+                "divergence": d,
+                "val_top1": acc,
+                "test_top1": acc,
+            }
+        )
     cells = pv.aggregate(rows)
     w = {"t": p2l.P2LWeights(w_size=1.0, w_div=0.0)}  # P2L = largest here
     by = {r["selector"]: r for r in pv.picks(cells, w)}

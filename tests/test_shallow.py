@@ -41,7 +41,7 @@ def write_split(root, partition, x, labels, hide=()):
                 "height": 8,
                 "caption": None,
                 "label": None if k in hide else str(lab),
-            }  # fmt: skip
+            }
             for k, lab in zip(keys, labels, strict=True)
         ],
         tables.SHARD_INDEX,
@@ -66,8 +66,13 @@ def test_separable_features_reach_100_percent(tmp_path, model):
     xt = xt + np.random.default_rng(9).normal(size=xt.shape) * 0.1
     train_url, _ = write_split(tmp_path, "train", x, y)
     test_url, _ = write_split(tmp_path, "test", xt, yt)
-    cfg = ShallowConfig(features=train_url, truth=str(tmp_path), test=test_url,
-                        out=str(tmp_path / "out"), model=model)  # fmt: skip
+    cfg = ShallowConfig(
+        features=train_url,
+        truth=str(tmp_path),
+        test=test_url,
+        out=str(tmp_path / "out"),
+        model=model,
+    )
     row = shallow.run(cfg)
     assert row["top1"] == 1.0
     assert row["train"] == 120 and row["test"] == 90 and row["classes"] == 3
@@ -90,8 +95,11 @@ def test_overlapping_features_score_below_100_and_the_head_predicts_like_sklearn
         from sklearn.svm import LinearSVC
 
         z = StandardScaler().fit(data.x)
-        est = (LinearSVC(random_state=0, max_iter=5000) if kind == "svm"
-               else LogisticRegression(random_state=0, max_iter=5000))  # fmt: skip
+        est = (
+            LinearSVC(random_state=0, max_iter=5000)
+            if kind == "svm"
+            else LogisticRegression(random_state=0, max_iter=5000)
+        )
         est.fit(z.transform(data.x), data.y)
         assert (m.predict(data.x) == est.predict(z.transform(data.x))).mean() > 0.99
 
@@ -126,8 +134,15 @@ def test_c_is_chosen_on_validation_and_reruns_skip(tmp_path):
     val_url, _ = write_split(tmp_path, "val", *separable(10, classes=2, seed=0))
     test_url, _ = write_split(tmp_path, "test", *separable(10, classes=2, seed=0))
     out = str(tmp_path / "out")
-    cfg = ShallowConfig(features=train_url, truth=str(tmp_path), test=test_url, out=out,
-                        model="logistic", val=val_url, c_grid=[0.1, 1.0])  # fmt: skip
+    cfg = ShallowConfig(
+        features=train_url,
+        truth=str(tmp_path),
+        test=test_url,
+        out=out,
+        model="logistic",
+        val=val_url,
+        c_grid=[0.1, 1.0],
+    )
     [row] = run_stage(shallow.ShallowStage(cfg))
     lin = tables.read_lineage(shallow.result_url(out))
     assert set(lin["val_scores"]) == {"0.1", "1.0"}

@@ -217,8 +217,13 @@ def validation_png(summary_rows: Sequence[Mapping[str, Any]]) -> bytes:
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.6), dpi=110)
     n = ours[sels[0]]["targets"] if sels else 0
     a.bar(x - 0.2, [100 * ours[s]["best_rate"] for s in sels], 0.4, label=f"here ({n} targets)")
-    a.bar(x + 0.2, [100 * PAPER[s] for s in sels], 0.4, label=f"paper ({PAPER_TASKS} tasks)",
-          color="0.7")  # fmt: skip
+    a.bar(
+        x + 0.2,
+        [100 * PAPER[s] for s in sels],
+        0.4,
+        label=f"paper ({PAPER_TASKS} tasks)",
+        color="0.7",
+    )
     a.set_xticks(x, sels)
     a.set_ylabel("best source picked (%)")
     a.set_ylim(0, 100)

@@ -171,6 +171,21 @@ def rank_summaries(
     return rank(names, size, div, weights, checkpoints)
 
 
+def divergence_table(
+    targets_url: str, sources_url: str, weights: P2LWeights
+) -> tuple[dict[str, int], dict[str, dict[str, float]]]:
+    """Every target of one anchors table against every source of another: the sources'
+    sizes (image counts) and ``D[target][source]`` under ``weights``' divergence."""
+    t_names, t_vec, _ = read_anchors(targets_url)
+    s_names, s_vec, s_counts = read_anchors(sources_url)
+    sizes = {n: int(c) for n, c in zip(s_names, s_counts, strict=True)}
+    div = {}
+    for t, vec in zip(t_names, t_vec, strict=True):
+        d = divergences(vec, s_vec, weights.metric, weights.kl_direction, weights.eps)
+        div[t] = dict(zip(s_names, d.tolist(), strict=True))
+    return sizes, div
+
+
 def ranking_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
     return tables.from_rows(list(rows), tables.P2L_RANKING)
 

@@ -168,7 +168,7 @@ def peak_memory_mb(
             str(batch),
             "--threads",
             str(threads),
-        ],  # fmt: skip
+        ],
         capture_output=True,
         text=True,
         env=env,

@@ -69,3 +69,12 @@ def test_latency_counts_per_image():
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(models.CheckpointError):
         costs.measure(str(tmp_path / "nope.pt"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_costs(tmp_path):
+    url = save(tmp_path, "resnet18", 32)
+    c = costs.measure(url, "r18", batch=16, device="cuda", min_seconds=0.05)
+    assert c.memory_kind == "cuda_allocated" and c.device.startswith("cuda") and c.threads == 0
+    assert c.peak_memory_mb >= os.path.getsize(url) / 2**20 * 0.9  # weights live on the GPU
+    assert c.latency_ms_b1 > 0 and c.latency_ms_batched > 0

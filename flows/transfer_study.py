@@ -206,7 +206,9 @@ def transfer_flow(config: TransferStudyConfig) -> dict[str, Any]:
     tables.write_parquet(
         tables.from_rows(grid, tables.TRANSFER_GRID), storage.join(root, "grid.parquet"), lineage
     )
-    validation = pv.write_validation(grid, storage.join(root, "p2l"), template, lineage)
+    validation = pv.write_validation(
+        grid, storage.join(root, "p2l"), template, lineage, c.p2l.fit_on
+    )
     pick = {r["target"]: r["pick"] for r in validation["picks"] if r["selector"] == "p2l"}
     log.info("P2L picks (leave-one-target-out): %s", pick)
 

@@ -56,21 +56,29 @@ def test_noise_free_grid_p2l_always_picks_the_best():
     assert summary["p2l (paper)"]["best_rate"] == 0.62 and summary["p2l (paper)"]["targets"] == 21
 
 
-def test_loto_fit_never_sees_the_held_out_target():
+@pytest.mark.parametrize("fit_on", ["test", "val"])
+def test_loto_fit_never_sees_the_held_out_target(fit_on):
     rows = grid(noise=0.01)
     # Poison one target's results: the weights used to rank it do not change.
+    bump = {"val_top1": 5.0, "test_top1": 5.0}
     poisoned = [
-        dict(r, val_top1=r["val_top1"] + (5.0 if r["source"] == "s0" else 0.0))
-        if r["target"] == "t2"
+        {k: v + bump[k] if k in bump else v for k, v in r.items()}
+        if r["target"] == "t2" and r["source"] == "s0"
         else r
         for r in rows
     ]
-    a = pv.loto_weights(pv.aggregate(rows))["t2"]
-    b = pv.loto_weights(pv.aggregate(poisoned))["t2"]
-    assert a == b
+    clean, dirty = pv.aggregate(rows), pv.aggregate(poisoned)
     assert (
-        pv.loto_weights(pv.aggregate(poisoned))["t3"] != pv.loto_weights(pv.aggregate(rows))["t3"]
+        pv.loto_weights(clean, fit_on=fit_on)["t2"] == pv.loto_weights(dirty, fit_on=fit_on)["t2"]
     )
+    # Every other target's weights do see t2.
+    assert (
+        pv.loto_weights(clean, fit_on=fit_on)["t3"] != pv.loto_weights(dirty, fit_on=fit_on)["t3"]
+    )
+    # Fitting on validation or on test top-1 are different fits of the same model.
+    assert pv.fit_all(clean, fit_on="val") != pv.fit_all(clean, fit_on="test")
+    with pytest.raises(ValueError, match="fit_on"):
+        pv.fit_all(clean, fit_on="train")
 
 
 def test_picks_by_hand():

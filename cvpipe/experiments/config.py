@@ -196,6 +196,11 @@ class P2LSettings(Strict):
     metric: Literal["kl", "cosine", "l2"] = "kl"
     kl_direction: Literal["image_anchor", "anchor_image"] = "image_anchor"
     eps: float = Field(1e-8, gt=0)
+    fit_on: Literal["test", "val"] = Field(
+        "test",
+        description="which top-1 of the *other* targets the leave-one-target-out weights "
+        "are fitted on (the held-out target's results never are)",
+    )
 
 
 class CostCandidate(Strict):

@@ -6,10 +6,11 @@ and test splits, with the source's size and ``D(target, source)``. Then, per tar
 
 - the ground truth is the source with the best mean *test* top-1 over seeds (sources
   whose mean equals the best count as best too);
-- **P2L** picks the best score under weights fitted *leave-one-target-out* on the
-  other targets' *validation* top-1 (the held-out target's results are never seen, and
-  no test score is used to fit); **largest** picks the largest source; **closest** the
-  smallest divergence. Ties go to the first name, as in :func:`cvpipe.label.p2l.rank`;
+- **P2L** picks the best score under weights fitted *leave-one-target-out*: on the
+  other targets' transfer results (their test top-1 by default, the larger split, or
+  their validation top-1), never on the held-out target's own; **largest** picks the
+  largest source; **closest** the smallest divergence. Ties go to the first name, as in
+  :func:`cvpipe.label.p2l.rank`;
 - reported over targets: how often each pick is the best (the paper: 62% for P2L, 48%
   for the largest source, 52% for the closest, over 21 tasks), the mean and largest
   test top-1 lost against the best, and the Spearman rank correlation between the
@@ -87,38 +88,38 @@ def _by_target(cells: Sequence[Cell]) -> dict[str, list[Cell]]:
     return out
 
 
-def loto_weights(
-    cells: Sequence[Cell], template: p2l.P2LWeights = p2l.P2LWeights()
-) -> dict[str, p2l.P2LWeights]:
-    """For each target, weights fitted on every other target's validation top-1."""
-    out = {}
-    for t in sorted({c.target for c in cells}):
-        rest = [c for c in cells if c.target != t]
-        out[t] = p2l.fit_weights(
-            [c.target for c in rest],
-            [c.size for c in rest],
-            [c.divergence for c in rest],
-            [c.val for c in rest],
-            metric=template.metric,
-            kind=template.kind,
-            kl_direction=template.kl_direction,
-            eps=template.eps,
-        )
-    return out
+FIT_ON = ("test", "val")
 
 
-def fit_all(cells: Sequence[Cell], template: p2l.P2LWeights = p2l.P2LWeights()) -> p2l.P2LWeights:
-    """Weights fitted on every target's validation top-1 (the weights to ship)."""
+def _fit(cells: Sequence[Cell], template: p2l.P2LWeights, fit_on: str) -> p2l.P2LWeights:
+    if fit_on not in FIT_ON:
+        raise ValueError(f"fit_on must be one of {FIT_ON}, got {fit_on!r}")
     return p2l.fit_weights(
         [c.target for c in cells],
         [c.size for c in cells],
         [c.divergence for c in cells],
-        [c.val for c in cells],
+        [c.test if fit_on == "test" else c.val for c in cells],
         metric=template.metric,
         kind=template.kind,
         kl_direction=template.kl_direction,
         eps=template.eps,
     )
+
+
+def loto_weights(
+    cells: Sequence[Cell], template: p2l.P2LWeights = p2l.P2LWeights(), fit_on: str = "test"
+) -> dict[str, p2l.P2LWeights]:
+    """For each target, weights fitted on every *other* target's results (their
+    ``fit_on`` top-1): the held-out target's results never enter its own weights."""
+    targets = sorted({c.target for c in cells})
+    return {t: _fit([c for c in cells if c.target != t], template, fit_on) for t in targets}
+
+
+def fit_all(
+    cells: Sequence[Cell], template: p2l.P2LWeights = p2l.P2LWeights(), fit_on: str = "test"
+) -> p2l.P2LWeights:
+    """Weights fitted on every target's results (the weights to ship)."""
+    return _fit(cells, template, fit_on)
 
 
 def selector_scores(cs: Sequence[Cell], selector: str, w: p2l.P2LWeights | None) -> np.ndarray:
@@ -272,11 +273,12 @@ def write_validation(
     out: str,
     template: p2l.P2LWeights,
     lineage: Mapping[str, Any],
+    fit_on: str = "test",
 ) -> dict[str, Any]:
     """The whole validation from the grid: LOTO picks, the summary table (Parquet, md,
     PNG), and the weights fitted on all targets (``p2l_weights.parquet``)."""
     cells = aggregate(grid_rows)
-    loto = loto_weights(cells, template)
+    loto = loto_weights(cells, template, fit_on)
     pick_rows = picks(cells, loto)
     rows = summary(pick_rows)
     urls = {
@@ -290,8 +292,9 @@ def write_validation(
     md = validation_markdown(rows, pick_rows)
     write_bytes_atomic(urls["markdown"], md.encode())
     write_bytes_atomic(urls["png"], validation_png(rows))
-    final = fit_all(cells, template)
-    p2l.write_weights(final, urls["weights"], {**lin, "stage": "p2l_fit", "fitted_on": "val_top1"})
+    final = fit_all(cells, template, fit_on)
+    fit_lin = {**lin, "stage": "p2l_fit", "fitted_on": f"{fit_on}_top1", "grid_cells": len(cells)}
+    p2l.write_weights(final, urls["weights"], fit_lin)
     return {
         "urls": urls,
         "summary": rows,

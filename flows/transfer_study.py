@@ -115,6 +115,15 @@ class Runner:
         run = tables.config_hash({"cfg": cfg, "init": init, "train": urls})[:10]
         return train(cfg, urls, storage.join(self.root, "runs", where, run), init)
 
+    def fit_target(self, cfg: TrainConfig, urls: list[str], where: str, init: str | None) -> str:
+        """A run on a target's training slice, with at least ``finetune_min_steps``
+        optimizer steps whatever the label count (:func:`study.fit_schedule`)."""
+        epochs, batch = study.fit_schedule(
+            cfg.epochs, cfg.batch_size, self.images(urls), self.config.finetune_min_steps
+        )
+        cfg = cfg.model_copy(update={"epochs": epochs, "batch_size": batch})
+        return self.fit(cfg, urls, where, init)
+
     def score(self, ckpt: str, target: str, cfg: TrainConfig) -> dict[str, float]:
         out = ckpt.rsplit("/", 1)[0]
         parts = self.data["targets"][target]
@@ -188,7 +197,7 @@ def transfer_flow(config: TransferStudyConfig) -> dict[str, Any]:
         for t, parts in data["targets"].items():
             for s in s_names:
                 cfg = _cfg(c.finetune, seed)
-                ckpt = run.fit(cfg, parts[grid_part], f"{t}/{grid_part}", sources[seed][s])
+                ckpt = run.fit_target(cfg, parts[grid_part], f"{t}/{grid_part}", sources[seed][s])
                 grid.append(
                     {
                         "target": t,
@@ -314,7 +323,7 @@ def _methods(
         variants.append(("scratch", 0, _cfg(c.finetune, seed, freeze_stages=0, new_head=False)))
         for method, n, cfg in variants:
             init = None if method == "scratch" else src_ckpt
-            ckpt = run.fit(cfg, parts[part], f"{t}/{part}", init)
+            ckpt = run.fit_target(cfg, parts[part], f"{t}/{part}", init)
             rows.append(
                 {
                     **base,
@@ -354,7 +363,7 @@ def _curriculum(
         (f"curriculum:{name}", ckpt, seconds),
         (f"direct:{chain[0]}", first, 0.0),
     ):
-        final = run.fit(cfg, urls, f"{c.target}/{part}", init)
+        final = run.fit_target(cfg, urls, f"{c.target}/{part}", init)
         rows.append(
             {
                 "target": c.target,
@@ -400,7 +409,7 @@ def _costs(
                     None,
                 )
                 cfg = _cfg(c.finetune, seed, **arch)
-            ckpts.append(run.fit(cfg, urls, f"{c.target}/{part}", src))
+            ckpts.append(run.fit_target(cfg, urls, f"{c.target}/{part}", src))
             scores.append(run.score(ckpts[-1], c.target, cfg))
         name = f"{cand.arch}@{cand.input_size}"
         row = measure_costs(ckpts[0], name, c.cost_batch, "cpu", c.cost_threads)

@@ -223,6 +223,12 @@ class TransferStudyConfig(Strict):
     reference: TrainConfig = Field(description="the reference model, on the union of sources")
     source: TrainConfig = Field(description="pretraining of each source model")
     finetune: TrainConfig = Field(description="fine-tuning on a target (the grid's method)")
+    finetune_min_steps: int = Field(
+        100,
+        ge=1,
+        description="optimizer steps every run on a target's labels takes at least "
+        "(smaller batches, then more epochs, for small label counts)",
+    )
     p2l: P2LSettings = Field(default_factory=P2LSettings)
     grid_per_class: int | None = Field(
         10, ge=1, description="target labels per class in the exhaustive grid (None: all)"
@@ -244,7 +250,7 @@ class TransferStudyConfig(Strict):
     shallow: list[Literal["svm", "logistic"]] = Field(default_factory=lambda: ["svm", "logistic"])
     c_grid: list[float] = Field(default_factory=lambda: [0.01, 0.1, 1.0, 10.0])
     curricula: dict[str, list[str]] = Field(
-        default_factory=lambda: {"reference>s89": ["reference", "s89"]},
+        default_factory=dict,
         description="name -> datasets fine-tuned in turn before the target ('reference': the "
         "reference model, else a source); compared with the direct fine-tune from the first",
     )

@@ -31,6 +31,27 @@ def count_key(k: int | None) -> str:
     return "all" if k is None else str(k)
 
 
+def fit_schedule(
+    epochs: int, batch_size: int, images: int, min_steps: int, min_batch: int = 4
+) -> tuple[int, int]:
+    """``(epochs, batch_size)`` giving at least ``min_steps`` optimizer steps on
+    ``images`` training images: smaller batches first (down to ``min_batch``), then more
+    epochs. A training set of 10 images would otherwise get one step per epoch, and
+    every label count a different amount of training."""
+    if images < 1:
+        raise ValueError("no training images")
+
+    def steps(e: int, b: int) -> int:
+        return e * math.ceil(images / b)
+
+    if steps(epochs, batch_size) >= min_steps:
+        return epochs, batch_size
+    batch = max(min(batch_size, min_batch), min(batch_size, images * epochs // min_steps))
+    if steps(epochs, batch) < min_steps:
+        epochs = math.ceil(min_steps / math.ceil(images / batch))
+    return epochs, batch
+
+
 def _mean(v: Sequence[float]) -> float:
     return float(np.mean(v)) if len(v) else math.nan
 
@@ -153,6 +174,8 @@ def _methods_table(summary: Sequence[Mapping[str, Any]], target: str) -> list[st
 
 def _curricula_table(summary: Sequence[Mapping[str, Any]]) -> list[str]:
     rows = [r for r in summary if r["method"].startswith("curriculum:")]
+    if not rows:
+        return ["(no curricula configured)"]
     direct = {
         r["method"][len("direct:") :]: r for r in summary if r["method"].startswith("direct:")
     }

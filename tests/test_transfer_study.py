@@ -30,8 +30,24 @@ def test_fit_schedule(epochs, batch, images, min_steps, want):
 
 
 def rows():
-    """Two seeds of three methods on one target, at two label counts."""
+    """Two seeds of three methods on one target, at two label counts, and a curriculum
+    (better on validation, but from another model) with its direct fine-tune."""
     out = []
+    for m, src, v, t in (("curriculum:r>a", "r", 0.99, 0.95), ("direct:r", "r", 0.95, 0.93)):
+        for seed in (0, 1):
+            out.append(
+                {
+                    "target": "t",
+                    "per_class": 5,
+                    "source": src,
+                    "method": m,
+                    "freeze": 0,
+                    "seed": seed,
+                    "val_top1": v,
+                    "test_top1": t + seed / 100,
+                    "train_seconds": 9.0,
+                }
+            )
     spec = {  # method: (val, test, seconds) per seed
         "svm": [(0.80, 0.70, 0.1), (0.82, 0.72, 0.1)],
         "freeze-0": [(0.90, 0.60, 5.0), (0.90, 0.62, 5.0)],  # best on val, worse on test
@@ -75,6 +91,7 @@ def test_recommendation_uses_validation_and_breaks_ties_by_cost():
     assert rec["source"] == "a"
     assert rec["method"]["method"] == "freeze-2"  # equal val, 3 s < 5 s of training
     assert rec["freeze"]["freeze"] == 2
+    assert rec["curriculum"]["method"] == "curriculum:r>a" and rec["direct"]["method"] == "direct:r"
     assert rec["arch"]["model"] == "slow"
     assert (
         ts.recommend("t", 5, summary, ranking, costs, latency_budget_ms=1.0)["arch"]["model"]
@@ -157,8 +174,10 @@ def test_report_names_the_choices(tmp_path):
         "source": "a",
         "method": "freeze-2",
         "freeze": 2,
+        "curriculum": "curriculum:r>a",
         "arch": "small_cnn@16",
     }
+    assert "**Curriculum: `r>a`** beats" in md and "paired wins 2/2" in md
     assert "**Source: `a`**" in md and "**Method: `freeze-2`**" in md
     assert "**Freezing depth: 2**" in md and "p2l (paper)" in md and "19,154" in md
     assert (tmp_path / "transfer_report.png").read_bytes()[:4] == b"\x89PNG"

@@ -171,12 +171,12 @@ class TransferDigits(Strict):
     sources: dict[str, DigitsGroup] = Field(default_factory=_default_sources, min_length=2)
     targets: dict[str, str] = Field(
         default_factory=lambda: {
-            "t01": "01",
-            "t45": "45",
-            "t89": "89",
-            "t37": "37",
             "t_odd": "13579",
             "t_even": "02468",
+            "t147": "147",
+            "t258": "258",
+            "t369": "369",
+            "t0to9": "0123456789",
         },
         description="target name -> its digit classes",
         min_length=1,
@@ -231,7 +231,7 @@ class TransferStudyConfig(Strict):
     )
     p2l: P2LSettings = Field(default_factory=P2LSettings)
     grid_per_class: int | None = Field(
-        10, ge=1, description="target labels per class in the exhaustive grid (None: all)"
+        5, ge=1, description="target labels per class in the exhaustive grid (None: all)"
     )
     target: str = Field(description="the target the report recommends for")
     method_targets: list[str] = Field(

@@ -115,11 +115,20 @@ def recommend(
     costs: Sequence[Mapping[str, Any]] = (),
     latency_budget_ms: float | None = None,
 ) -> dict[str, Any]:
-    """The study's choices for ``target`` at ``per_class`` labels (see module doc)."""
-    rows = [r for r in summary if r["target"] == target and r["per_class"] == per_class]
+    """The study's choices for ``target`` at ``per_class`` labels (see module doc). The
+    method is chosen among the rows of the recommended source (and scratch); a
+    curriculum starts elsewhere, so it is reported beside the method: the best one on
+    validation, with its direct fine-tune."""
+    here = [r for r in summary if r["target"] == target and r["per_class"] == per_class]
+    rows = [r for r in here if not r["method"].startswith(("curriculum:", "direct:"))]
     if not rows:
         raise ValueError(f"no method results for {target} at {count_key(per_class)} per class")
     freezes = [r for r in rows if r["method"].startswith("freeze-")]
+    curricula = [r for r in here if r["method"].startswith("curriculum:")]
+    curriculum = _best(curricula)
+    direct = next(
+        (r for r in here if curriculum and r["method"] == f"direct:{curriculum['source']}"), None
+    )
     fits = [
         c for c in costs if latency_budget_ms is None or c["latency_ms_b1"] <= latency_budget_ms
     ]
@@ -130,6 +139,8 @@ def recommend(
         "source": ranking[0]["candidate"] if ranking else None,
         "method": _best(rows),
         "freeze": _best(freezes),
+        "curriculum": curriculum,
+        "direct": direct,
         "arch": arch,
         "latency_budget_ms": latency_budget_ms,
     }
@@ -261,6 +272,19 @@ def report_markdown(
         lines.append(
             f"- **Freezing depth: {f['freeze']}** backbone stage(s) frozen (the best fine-tune "
             f"on validation: {_pct(f['val'])}; test {_pct(f['test'], f['test_std'])})."
+        )
+    cur, direct = rec.get("curriculum"), rec.get("direct")
+    if cur is not None and direct is not None:
+        better = cur["val"] > max(m["val"], direct["val"])
+        wins = sum(cur["by_seed"][s] > direct["by_seed"].get(s, math.inf) for s in cur["by_seed"])
+        lines.append(
+            f"- **Curriculum: `{cur['method'][len('curriculum:') :]}`** "
+            + ("beats" if better else "does not beat")
+            + f" the recommended method and its direct fine-tune from `{cur['source']}` on "
+            f"validation ({_pct(cur['val'])} vs {_pct(m['val'])} and {_pct(direct['val'])}; "
+            f"test {_pct(cur['test'], cur['test_std'])} vs "
+            f"{_pct(direct['test'], direct['test_std'])} direct, paired wins {wins}/"
+            f"{cur['seeds']})."
         )
     if a is not None:
         budget = rec["latency_budget_ms"]
@@ -456,6 +480,7 @@ def write_report(
             "source": rec["source"],
             "method": rec["method"]["method"],
             "freeze": rec["freeze"]["freeze"] if rec["freeze"] else None,
+            "curriculum": rec["curriculum"]["method"] if rec["curriculum"] else None,
             "arch": rec["arch"]["model"] if rec["arch"] else None,
         },
         "lineage": dict(lineage),

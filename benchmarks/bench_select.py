@@ -79,14 +79,14 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def child_select(root: str, top_p: int, top_k: int, fan_in: int) -> dict:
+def child_select(root: str, top_p: int, top_k: int) -> dict:
     from cvpipe.core.storage import list_committed
     from cvpipe.label import selection
 
     urls = list_committed(os.path.join(root, "predictions"), ".parquet", recursive=True)
     rss0 = _peak_rss_mib()
     t0 = time.perf_counter()
-    report = selection.select(urls, top_p, top_k, os.path.join(root, "sel"), fan_in=fan_in)
+    report = selection.select(urls, top_p, top_k, os.path.join(root, "sel"))
     wall = time.perf_counter() - t0
     return {
         "wall_s": round(wall, 2),
@@ -141,7 +141,6 @@ def main() -> None:
     ap.add_argument("--top-p", type=int, default=10)
     ap.add_argument("--top-k", type=int, default=None, help="16,000 (1,600 with --quick)")
     ap.add_argument("--classes", type=int, default=1_000)
-    ap.add_argument("--fan-in", type=int, default=64)
     ap.add_argument("--tmp", default=tempfile.gettempdir())
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--child", nargs="*")
@@ -149,7 +148,7 @@ def main() -> None:
     if args.child:
         kind, *rest = args.child
         if kind == "select":
-            res = child_select(rest[0], int(rest[1]), int(rest[2]), int(rest[3]))
+            res = child_select(rest[0], int(rest[1]), int(rest[2]))
         else:
             res = child_argsort(rest[0])
         print(json.dumps(res))
@@ -169,7 +168,7 @@ def main() -> None:
         size = sum(os.path.getsize(u) for u in urls)
         print(f"generated {images:,} images x P={args.top_p} in {len(urls)} files "
               f"({size / 2**20:.0f} MiB) in {gen:.1f} s", flush=True)  # fmt: skip
-        sel = run_child("select", root, str(args.top_p), str(args.top_k), str(args.fan_in))
+        sel = run_child("select", root, str(args.top_p), str(args.top_k))
         print(f"select: {sel}", flush=True)
         base = run_child("argsort", root)
         print(f"argsort baseline: {base}", flush=True)
@@ -184,7 +183,6 @@ def main() -> None:
         "top_p": args.top_p,
         "top_k": args.top_k,
         "classes": args.classes,
-        "fan_in": args.fan_in,
         "files": len(urls),
         "predictions_mib": round(size / 2**20, 1),
         "generate_s": round(gen, 1),

@@ -2,9 +2,10 @@
 
 Both paths run in the same process on the same model and optimizer, epochs
 interleaved (shards, memory, shards, memory, ...) so that load from other processes hits
-both alike. The shard path is cvpipe.learn.training's real loop: ShardDataset (tar reading,
-safe decoding, the augmentation recipe, the shuffle buffer) through a DataLoader. The
-memory path replays batches that path produced, so only data loading differs.
+both alike. The shard path is the real loop (cvpipe.learn.loop, classification task):
+ShardDataset (tar reading, safe decoding, the augmentation recipe, the shuffle buffer)
+through a DataLoader with the task's collate. The memory path replays batches that
+path produced, so only data loading differs.
 
     python benchmarks/bench_train.py --quick                       # CPU, ResNet-18 at 64 px
     python benchmarks/bench_train.py --device cuda --arch resnet50 --input-size 224 \\
@@ -36,9 +37,10 @@ from cvpipe.core import storage  # noqa: E402
 from cvpipe.data import ingest  # noqa: E402
 from cvpipe.data.config import IngestConfig  # noqa: E402
 from cvpipe.data.datasets import export_photos  # noqa: E402
-from cvpipe.data.loader import Batch, ShardDataset, make_loader  # noqa: E402
-from cvpipe.learn import training  # noqa: E402
+from cvpipe.data.loader import make_loader  # noqa: E402
+from cvpipe.learn import loop, transfer  # noqa: E402
 from cvpipe.learn.config import TrainConfig  # noqa: E402
+from cvpipe.learn.tasks import ClassificationTask, TaskBatch  # noqa: E402
 
 RESULTS = ROOT_DIR / "benchmarks" / "results" / "bench_train.json"
 
@@ -92,41 +94,37 @@ def main(argv: list[str] | None = None) -> int:
         device=str(device),
         lr=0.01,
     )
-    classes = training.discover_classes(urls)
-    training.seed_everything(cfg.seed)
-    model, _ = training.initial_model(cfg, classes, None)
-    model.to(device)
+    task = ClassificationTask()
+    loop.seed_everything(cfg.seed)
+    built = task.build(cfg, urls, None)
+    model = built.model.to(device)
     if cuda:
         model.to(memory_format=torch.channels_last)
-        torch.backends.cudnn.benchmark = True
-    opt = training.build_optimizer(model, cfg)
-    ds = ShardDataset(
-        urls,
-        training.build_transform(cfg.augmentation, args.input_size, cfg.mean, cfg.std),
-        classes=classes,
-        stage="bench",
-        shuffle_buffer=cfg.shuffle_buffer,
-        seed=cfg.seed,
+    groups = transfer.param_groups(model, built.parts, cfg.lr, cfg.lr_multipliers)
+    opt = loop.build_optimizer(groups, cfg)
+    ds = task.dataset(cfg, urls, built.info, stage="bench", train=True)
+    loader = make_loader(
+        ds, cfg.batch_size, cfg.num_workers, pin_memory=cuda, collate_fn=task.collate
     )
-    loader = make_loader(ds, cfg.batch_size, cfg.num_workers, pin_memory=cuda)
 
-    def epoch(batches) -> training.EpochStats:
-        return training.train_one_epoch(model, opt, batches, device, amp=cfg.amp)
+    def epoch(batches) -> loop.EpochStats:
+        meter = task.meter("train", built.info, device)
+        return loop.train_one_epoch(model, opt, batches, task, meter, device, cfg)
 
     # Warm-up (not timed): first-call costs, cudnn autotuning; it also yields the
     # batches the memory path replays.
-    cached: list[Batch] = []
+    cached: list[TaskBatch] = []
     for b in loader:
         if cuda:  # "in memory" on a GPU host means already on the GPU
-            b.images, b.labels = b.images.to(device), b.labels.to(device)
+            b = task.to_device(b, device, channels_last=False)
         cached.append(b)
-    epoch(cached)
-
     shard_rates, memory_rates = [], []
-    for e in range(args.epochs):
-        ds.set_epoch(e + 1)
-        shard_rates.append(epoch(loader).images_per_s)
-        memory_rates.append(epoch(cached).images_per_s)
+    with torch.backends.cudnn.flags(enabled=True, benchmark=cuda):  # as the loop does
+        epoch(cached)
+        for e in range(args.epochs):
+            ds.set_epoch(e + 1)
+            shard_rates.append(epoch(loader).images_per_s)
+            memory_rates.append(epoch(cached).images_per_s)
     shard = statistics.median(shard_rates)
     memory = statistics.median(memory_rates)
     ratio = shard / memory

@@ -11,6 +11,7 @@ Outputs under ``config.root``: ``pseudo_labels.{parquet,md}`` and
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -22,17 +23,16 @@ from cvpipe.data.config import IngestConfig
 from cvpipe.experiments import reports
 from cvpipe.experiments.config import AnchorTransferConfig, DigitsAnchors, LabelMethod
 from cvpipe.infer.config import InferConfig
-from cvpipe.label import anchors
-from cvpipe.label.config import AnchorsConfig, LabelConfig
+from cvpipe.label.config import AnchorsConfig, LabelConfig, RelabelConfig
+from cvpipe.label.materialize import RelabelStage
 from cvpipe.learn.config import TrainConfig
 from flows.anchors import anchors_build_flow, label_flow
 from flows.datasets import export_digits_flow
 from flows.ingest import ingest_flow
 from flows.teacher import infer_flow
-from tasks.anchors import relabel_shard
 from tasks.artifacts import publish_markdown, publish_table
+from tasks.stage import run_units
 from tasks.training import evaluate, train
-from tasks.units import run_units
 
 
 def _ingest_manifest(manifest: str, root: str, partition: str, shard_size: int) -> list[str]:
@@ -104,15 +104,12 @@ def source_flow(
             checkpoint=reference if config.anchor_kind == "softmax" else None,
         )
     )
-    units = [
-        {
-            "labels_url": shards.unit_url(storage.join(out, "labels"), "", shards.shard_id(u)),
-            "shard_url": u,
-            "out": storage.join(out, "pseudo"),
-        }
-        for u in unlabeled
-    ]
-    run_units(relabel_shard, units, what=f"relabel ({method.tag})")
+    relabel = RelabelStage(
+        RelabelConfig(
+            labels=storage.join(out, "labels"), shards=unlabeled, out=storage.join(out, "pseudo")
+        )
+    )
+    relabeled = run_units(relabel, what=f"relabel ({method.tag})")
     pseudo = storage.expand_urls(storage.join(out, "pseudo", "shards"), ".tar")
     # Hold out a whole shard (the first: the last one is the partial one) for scoring.
     held_out, train_part = (pseudo[:1], pseudo[1:]) if len(pseudo) > 1 else (pseudo, pseudo)
@@ -124,11 +121,8 @@ def source_flow(
         device=config.source.device,
         threads=config.source.cpu_threads,
     )
-    counts = anchors.merge_counts(
-        anchors.label_counts(u)
-        for u in storage.expand_urls(storage.join(out, "labels"), ".parquet")
-        if "_uniform_rule" not in u
-    )
+    # Images per label of the pseudo-labeled set, counted by the relabel units.
+    counts = dict(sorted(sum((Counter(s.labels) for s in relabeled), Counter()).items()))
     get_run_logger().info("%s: %s, source top-1 on held-out U %.3f", method.tag, stats, scored.top1)
     return {"tag": method.tag, "source": source, "counts": counts, "top1": scored.top1}
 

@@ -34,9 +34,9 @@ app.add_typer(anchors_app, name="anchors")
 
 
 RUNNER = typer.Option(
-    "threads", "--runner", help="threads | dask (a LocalCluster) | dask://HOST:PORT"
+    "threads", "--runner", help="threads | dask | dask://HOST:PORT | ray | ray://HOST:PORT"
 )
-WORKERS = typer.Option(None, "--workers", help="parallel task runs (threads or dask workers)")
+WORKERS = typer.Option(None, "--workers", help="parallel task runs (threads, dask or ray workers)")
 
 
 def fail(message: str) -> None:

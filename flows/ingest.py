@@ -47,6 +47,7 @@ def ingest_flow(config: IngestConfig) -> dict[str, Any]:
     publish_table(
         summary_rows(summary),
         key=f"ingest-summary-{config.partition}",
+        location=config.root,
         description=f"Ingest of `{config.source}` into partition `{config.partition}`",
     )
     return summary

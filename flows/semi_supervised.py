@@ -15,8 +15,6 @@ Every stage skips committed work, so a rerun only reads back and reports.
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 from typing import Any
 
@@ -30,13 +28,14 @@ from cvpipe.experiments import reports
 from cvpipe.experiments.config import DigitsSplit, SemiSupervisedConfig
 from cvpipe.infer import teacher as inference
 from cvpipe.infer.config import InferConfig
-from cvpipe.label import materialize
-from cvpipe.label.config import MaterializeConfig, SelectConfig
+from cvpipe.label.config import LabelCheckConfig, MaterializeConfig, SelectConfig
+from cvpipe.label.materialize import LabelCheckStage
 from cvpipe.learn.config import TrainConfig
 from flows.datasets import export_digits_flow
 from flows.ingest import ingest_flow
 from flows.teacher import infer_flow, materialize_flow, select_flow
 from tasks.artifacts import publish_markdown, publish_table
+from tasks.stage import run_units
 from tasks.training import evaluate, train
 
 PARTS = ("labeled", "unlabeled", "test")
@@ -74,13 +73,17 @@ def digits_data_flow(root: str, split: DigitsSplit, seed: int) -> dict[str, list
     return urls
 
 
-def _hidden_truth(root: str) -> dict[str, str] | None:
-    """U's hidden labels by file name, when the data is the exported digits."""
+def _hidden_truth(root: str) -> str | None:
+    """The CSV of U's hidden labels (by file name), when the data is the exported digits."""
     url = storage.join(root, "png", "unlabeled_truth.csv")
-    if not storage.is_committed(url):
-        return None
-    rows = csv.DictReader(io.StringIO(storage.read_bytes(url).decode()))
-    return {r["image"]: r["label"] for r in rows}
+    return url if storage.is_committed(url) else None
+
+
+def _check(shards: list[str], out: str, truth: str | None = None) -> dict[str, Any]:
+    """Samples of ``shards`` and the share carrying their true label, counted by one
+    stage unit per shard (nothing is read in the flow itself)."""
+    stage = LabelCheckStage(LabelCheckConfig(shards=shards, out=out, truth=truth))
+    return stage.summarize(run_units(stage, what=f"count and check {out}"))
 
 
 def _score(checkpoint: str, test: list[str], cfg: TrainConfig) -> tuple[float, float]:
@@ -98,7 +101,7 @@ def student_flow(
     predictions: list[str],
     top_k: int,
     u_fraction: float,
-    truth: dict[str, str] | None,
+    truth: str | None,
 ) -> list[dict[str, Any]]:
     """Select -> materialize -> pretrain -> fine-tune -> evaluate, for one (K, |U|).
     Returns SSL_RUNS rows of the two student methods."""
@@ -118,7 +121,9 @@ def student_flow(
         )
     )
     pseudo = storage.expand_urls(storage.join(pseudo_root, "shards"), ".tar")
-    precision, checked = materialize.pseudo_label_precision(pseudo, truth)
+    check = _check(pseudo, storage.join(base, "pseudo_check"), truth)
+    # |D| does not depend on the teacher; its counts sit beside the teacher's other outputs.
+    labeled = _check(data["labeled"], storage.join(teacher.rsplit("/", 1)[0], "labeled_check"))
     # The student's head is the teacher's class list, even for a class D^ missed.
     classes = config.student.classes or models.load_info(teacher).classes
     variant = tables.config_hash([config.student, config.finetune])[:8]
@@ -137,29 +142,15 @@ def student_flow(
         "seed": seed,
         "top_k": top_k,
         "unlabeled_fraction": u_fraction,
-        "labeled": _count(data["labeled"]),
-        "pseudo": checked or _count(pseudo),
-        "precision": precision,
+        "labeled": labeled["samples"],
+        "pseudo": check["checked"] or check["samples"],
+        "precision": check["precision"],
     }
     rows = []
     for method, ckpt in (("student_pretrained", student), ("student_finetuned", finetuned)):
         top1, top5 = _score(ckpt, data["test"], config.finetune)
         rows.append({**common, "method": method, "top1": top1, "top5": top5})
     return rows
-
-
-def _count(urls: list[str]) -> int:
-    """Samples in committed shards: from the ingest index next to them when there is one
-    (a Parquet footer read), else by streaming the tar without decoding."""
-    total = 0
-    for url in urls:
-        root = shards.ingest_root(url)
-        index = shards.unit_url(root, "index", shards.shard_id(url)) if root else None
-        if index and storage.is_committed(index):
-            total += tables.num_rows(index)
-        else:
-            total += sum(isinstance(i, shards.Sample) for i in shards.iter_shard(url, decode=False))
-    return total
 
 
 @flow(name="semi-supervised", flow_run_name="semi-supervised -> {config.root}")

@@ -7,7 +7,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from cvpipe.core import storage
-from cvpipe.learn import training
+from cvpipe.experiments import chop
 from cvpipe.learn.config import TrainConfig
 from tasks.artifacts import publish_table
 from tasks.training import evaluate, train
@@ -58,8 +58,8 @@ def chop_flow(
     train_urls = storage.expand_specs(shards, ".tar")
     test_urls = storage.expand_specs(test, ".tar")
     rows = []
-    for n, mode, run_cfg in training.chop_configs(cfg, modes or ["frozen", "finetuned"]):
-        run_out = training.chop_run_dir(out, n, mode)
+    for n, mode, run_cfg in chop.chop_configs(cfg, modes or ["frozen", "finetuned"]):
+        run_out = chop.chop_run_dir(out, n, mode)
         ckpt = train(run_cfg, train_urls, run_out, base_checkpoint)
         scores = evaluate(
             ckpt,
@@ -69,6 +69,6 @@ def chop_flow(
             threads=cfg.cpu_threads,
         )
         rows.append({"n": n, "mode": mode, "top1": scores.top1, "top5": scores.top5})
-    urls = training.chop_report(rows, out, cfg.arch)
+    urls = chop.chop_report(rows, out, cfg.arch)
     publish_table(rows, "chop", f"Top-1 after copying the first n stages of `{base_checkpoint}`")
     return urls

@@ -1,40 +1,55 @@
-"""Prefect tasks of the training stages: train / fine-tune, evaluate."""
+"""Training and evaluation in flows: each call runs the single unit of a TrainStage or
+EvaluateStage through the generic stage task (tasks/stage.py), which takes its name,
+tags, retries and timeout from the stage and never retries a permanent error."""
 
 from __future__ import annotations
 
-from prefect import task
-from prefect.cache_policies import NONE
+from typing import Any
 
-from cvpipe import models
-from cvpipe.learn import training
+from cvpipe.core.stage import Stage
 from cvpipe.learn.config import TrainConfig
+from cvpipe.learn.stages import EvalJob, EvaluateStage, TrainJob, TrainResult, TrainStage
+from cvpipe.learn.tasks import TrainTask
+from cvpipe.learn.training import EvalResult
+from tasks.stage import unit_task
 
 
-@task(
-    name="train",
-    task_run_name="train {cfg.arch} -> {out}",
-    cache_policy=NONE,
-    retries=1,  # a retry resumes from the last committed epoch
-    retry_delay_seconds=5,
-    tags=["gpu"],
-)
+def run_single(stage: Stage) -> Any:
+    """Run a one-unit stage as a task run of the calling flow; returns its result."""
+    (unit,) = stage.units()
+    return unit_task(type(stage))(type(stage), stage.config, unit)
+
+
+def train_run(job: TrainJob) -> TrainResult:
+    """One training run of any task (skipped when committed, resumed after a crash)."""
+    return run_single(TrainStage(job))
+
+
 def train(
-    cfg: TrainConfig, train_urls: list[str], out: str, init_checkpoint: str | None = None
+    cfg: TrainConfig,
+    train_urls: list[str],
+    out: str,
+    init_checkpoint: str | None = None,
+    val_urls: list[str] | None = None,
+    task: TrainTask | None = None,
 ) -> str:
     """Train (or fine-tune from ``init_checkpoint``); returns the final checkpoint URL."""
-    with models.cpu_threads(cfg.cpu_threads):
-        return training.train(cfg, train_urls, out, init_checkpoint=init_checkpoint)
+    job = TrainJob(
+        config=cfg,
+        shards=list(train_urls),
+        out=out,
+        val=list(val_urls or ()),
+        init_checkpoint=init_checkpoint,
+        **({"task": task} if task is not None else {}),
+    )
+    return train_run(job).checkpoint
 
 
-@task(
-    name="evaluate",
-    task_run_name="evaluate {checkpoint}",
-    cache_policy=NONE,
-    retries=1,
-    tags=["gpu"],
-)
 def evaluate(
     checkpoint: str, urls: list[str], out: str, device: str = "auto", threads: int | None = None
-) -> training.EvalResult:
-    with models.cpu_threads(threads):
-        return training.evaluate(checkpoint, urls, out, device=device)
+) -> EvalResult:
+    """Score a classifier checkpoint on labeled shards (read back when committed)."""
+    job = EvalJob(
+        checkpoint=checkpoint, shards=list(urls), out=out, device=device, cpu_threads=threads
+    )
+    return run_single(EvaluateStage(job))

@@ -11,10 +11,12 @@ import torch
 from cvpipe import models
 from cvpipe.core import tables
 from cvpipe.data.shards import read_shard_samples, shard_id, write_shard
+from cvpipe.infer.batches import jpeg_for_gpu
+from cvpipe.infer.config import InferConfig
+from cvpipe.infer.stage import infer
 from cvpipe.infer.teacher import (
     Teacher,
     features_url,
-    infer_shards,
     predictions_url,
     rejects_url,
     summarize,
@@ -119,10 +121,12 @@ def test_predictions_match_the_model(checkpoint, digits_shards, tmp_path):
 def test_rerun_writes_nothing(checkpoint, digits_shards, tmp_path):
     urls = digits_shards["test"][:2]
     out = str(tmp_path / "out")
-    first = infer_shards(urls, checkpoint, out, top_p=2, features=True, device="cpu")
+    config = InferConfig(shards=urls, checkpoint=checkpoint, out=out, top_p=2, features=True,
+                         device="cpu", num_workers=0)  # fmt: skip
+    first = infer(config)
     before = _files(out)
     assert len(before) == 6  # predictions, features, rejects per shard
-    again = infer_shards(urls, checkpoint, out, top_p=2, features=True, device="cpu")
+    again = infer(config)
     assert _files(out) == before
     assert [s.skipped for s in again] == [True, True]
     assert [s.images for s in again] == [s.images for s in first]
@@ -189,21 +193,18 @@ def _rotated_jpeg() -> bytes:
     ids=["rgb", "gray", "cmyk", "progressive", "exif-rotated"],
 )
 def test_which_jpegs_go_to_the_device_decoder(data: bytes, expected: bool) -> None:
-    from cvpipe.infer.teacher import _jpeg_for_gpu
-
-    assert _jpeg_for_gpu(data, 10**8) is expected
+    assert jpeg_for_gpu(data, 10**8) is expected
 
 
 def test_jpeg_for_gpu_rejects_bad_images_like_ingest() -> None:
     from cvpipe.data import images
-    from cvpipe.infer.teacher import _jpeg_for_gpu
 
     data = _jpeg("RGB")
     with pytest.raises(images.RejectedImage) as e:
-        _jpeg_for_gpu(data[: len(data) // 2], 10**8)
+        jpeg_for_gpu(data[: len(data) // 2], 10**8)
     assert e.value.reason == "truncated_image"
     with pytest.raises(images.RejectedImage) as e:
-        _jpeg_for_gpu(data, 100)  # 40 x 30 > 100 pixels
+        jpeg_for_gpu(data, 100)  # 40 x 30 > 100 pixels
     assert e.value.reason == "too_many_pixels"
 
 

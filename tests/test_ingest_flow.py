@@ -26,6 +26,7 @@ def test_flow_ingests_publishes_summary_and_rerun_writes_nothing(
     from prefect.client.orchestration import get_client
 
     from flows.ingest import ingest_flow
+    from tasks.artifacts import artifact_key
 
     root = str(tmp_path / "root")
     cfg = IngestConfig(
@@ -39,7 +40,8 @@ def test_flow_ingests_publishes_summary_and_rerun_writes_nothing(
     assert summary["shards"] == 4 and summary["written"] == 179 and summary["rejected"] == 0
     assert summary["shards_skipped"] == 0
     with get_client(sync_client=True) as client:
-        arts = [a for a in client.read_artifacts() if a.key == "ingest-summary-2026-11-25"]
+        key = artifact_key("ingest-summary-2026-11-25", location=root)
+        arts = [a for a in client.read_artifacts() if a.key == key]
     assert arts and any(
         row["metric"] == "written" and row["value"] == 179 for row in _table(arts[0].data)
     )

@@ -11,10 +11,12 @@ import torch
 
 from cvpipe import models
 from cvpipe.core import tables
+from cvpipe.core.stage import PermanentError
 from cvpipe.data.loader import ShardDataset
-from cvpipe.data.shards import Sample, iter_shard, read_shard_samples, shard_id
+from cvpipe.data.shards import iter_shard, read_shard_samples, shard_id
 from cvpipe.infer.teacher import Teacher, predictions_url
 from cvpipe.label import materialize, selection
+from cvpipe.label.config import MaterializeConfig
 
 CLASSES = [f"digit_{i}" for i in range(10)]
 
@@ -39,7 +41,9 @@ def pipeline(digits_shards, tmp_path_factory: pytest.TempPathFactory):
 
 def test_replicates_per_class_with_provenance(pipeline, digits_shards):
     out = str(pipeline["root"] / "student")
-    stats = materialize.materialize(pipeline["sel"], pipeline["shards"], out)
+    stats = materialize.materialize(
+        MaterializeConfig(selection=pipeline["sel"], shards=pipeline["shards"], out=out)
+    )
     sel = tables.read_parquet(pipeline["sel"]).to_pylist()
     assert sum(s.written for s in stats) == len(sel) > 25
     assert all(s.missing == 0 and not s.skipped for s in stats)
@@ -84,7 +88,9 @@ def test_replicates_per_class_with_provenance(pipeline, digits_shards):
 def test_rerun_writes_nothing_and_empty_shards_commit(pipeline, digits_shards):
     out = str(pipeline["root"] / "again")
     other = digits_shards["test"][0]  # nothing of it was selected
-    first = materialize.materialize(pipeline["sel"], [*pipeline["shards"], other], out)
+    config = MaterializeConfig(selection=pipeline["sel"], shards=[*pipeline["shards"], other],
+                               out=out)  # fmt: skip
+    first = materialize.materialize(config)
     assert first[2].written == 0 and first[2].selected == 0
     assert list(iter_shard(materialize.output_url(out, shard_id(other)))) == []
     files = {
@@ -93,7 +99,7 @@ def test_rerun_writes_nothing_and_empty_shards_commit(pipeline, digits_shards):
         for n in ns
     }
     assert len(files) == 3
-    again = materialize.materialize(pipeline["sel"], [*pipeline["shards"], other], out)
+    again = materialize.materialize(config)
     assert all(s.skipped for s in again)
     assert [s.written for s in again] == [s.written for s in first]
     after = {
@@ -114,4 +120,18 @@ def test_class_names_from_checkpoint_and_teacher_checked(pipeline, tmp_path):
     )
     with pytest.raises(ValueError, match="teacher"):
         materialize.provenance(pipeline["sel"], checkpoint=other)
-    assert isinstance(next(iter(iter_shard(pipeline["shards"][0], decode=False))), Sample)
+    # The stage checks the teacher before it writes anything, and the error is
+    # permanent (a retry would meet the same teacher).
+    out = tmp_path / "wrong-teacher"
+    config = MaterializeConfig(selection=pipeline["sel"], shards=pipeline["shards"],
+                               out=str(out), checkpoint=other)  # fmt: skip
+    with pytest.raises(materialize.ProvenanceError, match="teacher"):
+        materialize.materialize(config)
+    assert isinstance(materialize.ProvenanceError("x"), PermanentError)
+    assert not out.exists()
+    # with the right teacher every sample names it
+    right = dict(config.model_dump(), out=str(tmp_path / "right"), checkpoint=pipeline["ckpt"])
+    materialize.materialize(MaterializeConfig(**right))
+    url = materialize.output_url(right["out"], shard_id(pipeline["shards"][0]))
+    teachers = {s.meta["pseudo"]["teacher"] for s in iter_shard(url, decode=False)}
+    assert teachers == {models.model_id(pipeline["ckpt"])}

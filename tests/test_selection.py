@@ -10,7 +10,9 @@ import pyarrow as pa
 import pytest
 
 from cvpipe.core import tables
-from cvpipe.label import selection
+from cvpipe.core.stage import run_stage
+from cvpipe.label import selection, topk
+from cvpipe.label.config import SelectConfig
 
 
 def _write_predictions(url: str, keys, classes, scores, top_p: int, num_classes: int) -> None:
@@ -69,13 +71,13 @@ def read_selection(out) -> list[tuple]:
 
 
 @pytest.mark.parametrize(
-    "top_p,top_k,fan_in",
-    [(1, 3, 2), (3, 5, 2), (4, 7, 3), (2, 1000, 4)],  # K=1000: more than any class has
+    "top_p,top_k",
+    [(1, 3), (3, 5), (4, 7), (2, 1000)],  # K=1000: more than any class has
 )
-def test_select_equals_brute_force(tmp_path, top_p, top_k, fan_in):
+def test_select_equals_brute_force(tmp_path, top_p, top_k):
     rng = np.random.default_rng(top_p * 100 + top_k)
     urls = make_predictions(tmp_path, rng)
-    report = selection.select(urls, top_p, top_k, str(tmp_path / "sel"), fan_in=fan_in)
+    report = selection.select(urls, top_p, top_k, str(tmp_path / "sel"))
     expect, per_class = brute_force(urls, top_p, top_k)
     assert read_selection(tmp_path / "sel") == expect
     # the report: 12 classes, two of them without any candidate
@@ -101,7 +103,7 @@ def test_ties_at_the_boundary_are_broken_by_key(tmp_path):
     rng = np.random.default_rng(7)
     urls = make_predictions(tmp_path, rng, files=3, rows=300, classes=3, num_classes=3,
                             stored_p=2, levels=1)  # fmt: skip
-    selection.select(urls, 2, 5, str(tmp_path / "sel"), fan_in=2)
+    selection.select(urls, 2, 5, str(tmp_path / "sel"))
     expect, _ = brute_force(urls, 2, 5)
     got = read_selection(tmp_path / "sel")
     assert got == expect
@@ -113,38 +115,83 @@ def test_ties_at_the_boundary_are_broken_by_key(tmp_path):
 def test_merge_is_associative_and_commutative(tmp_path):
     rng = np.random.default_rng(3)
     urls = make_predictions(tmp_path, rng, files=6, rows=60)
-    parts = [selection.partial_topk(u, 3, 4) for u in urls]
-    reference = selection.merge(parts)
+    parts = [topk.partial_topk(u, 3, 4) for u in urls]
+    reference = topk.merge(parts)
     shuffler = random.Random(0)
     for _ in range(5):
         order = parts[:]
         shuffler.shuffle(order)
         cut = shuffler.randrange(1, len(order))
-        tree = selection.merge([selection.merge(order[:cut]), selection.merge(order[cut:])])
+        tree = topk.merge([topk.merge(order[:cut]), topk.merge(order[cut:])])
         assert tree.same_as(reference)
-    # thresholds from another partial prune the map side without changing the result
-    hinted = [selection.partial_topk(u, 3, 4, thresholds=reference.thresholds()) for u in urls]
-    assert sum(len(p) for p in hinted) <= sum(len(p) for p in parts)
-    assert selection.merge(hinted).same_as(reference)
+    # Thresholds from another partial prune the map side without changing the result:
+    # a hinted partial is exactly its plain partial less the entries below the class's
+    # threshold (ties at the threshold stay), and here that drops entries.
+    thr = reference.thresholds()
+    hinted = [topk.partial_topk(u, 3, 4, thresholds=thr) for u in urls]
+    dropped = 0
+    for plain, hint in zip(parts, hinted, strict=True):
+        keep = plain.score >= thr[plain.label]
+        dropped += int((~keep).sum())
+        rows = zip(plain.label, plain.score, plain.locations(), keep, strict=True)
+        want = {(c, score, loc) for c, score, loc, k in rows if k}
+        assert set(zip(hint.label, hint.score, hint.locations(), strict=True)) == want
+        assert np.array_equal(hint.candidates, plain.candidates)  # every candidate counted
+    assert dropped > 0
+    assert topk.merge(hinted).same_as(reference)
     # merging the same file twice would double-count: refused
     with pytest.raises(ValueError, match="overlap"):
-        selection.merge([parts[0], parts[0]])
+        topk.merge([parts[0], parts[0]])
 
 
-def test_persisted_units_give_the_same_selection(tmp_path):
+@pytest.mark.parametrize(
+    ("fan_in", "level_sizes"),
+    [(2, [3, 2, 1]), (3, [2, 1]), (4, [2, 1]), (5, [1]), (16, [1])],
+)
+def test_stage_tree_has_the_fan_in_shape_and_the_same_selection(tmp_path, fan_in, level_sizes):
+    """The map-reduce of the flow, unit by unit in this process: ``fan_in`` shapes the
+    tree (units per level, partials per unit) and never the selection."""
     rng = np.random.default_rng(5)
     urls = make_predictions(tmp_path, rng, files=5)
-    out = str(tmp_path / "units")
-    maps = [selection.partial_unit(u, 2, 6, out) for u in urls]
-    assert selection.read_topk(maps[0]).same_as(selection.partial_topk(urls[0], 2, 6))
-    mid = [
-        selection.merge_unit(maps[:2], os.path.join(out, "m0.parquet")),
-        selection.merge_unit(maps[2:], os.path.join(out, "m1.parquet")),
+    out = str(tmp_path / f"units-{fan_in}")
+    config = SelectConfig(predictions=urls, out=out, top_p=2, top_k=6, fan_in=fan_in)
+    maps = run_stage(selection.SelectPartialStage(config))
+    assert [m.url for m in maps] == [selection.partial_url(out, u) for u in urls]
+    assert selection.read_topk(maps[0].url).same_as(topk.partial_topk(urls[0], 2, 6))
+    merges = selection.SelectMergeStage(config)
+    levels = merges.levels()
+    assert [len(level) for level in levels] == level_sizes
+    assert all(len(u.inputs) <= fan_in for level in levels for u in level)
+    assert [u.inputs for u in levels[0]] == [
+        tuple(m.url for m in maps[i : i + fan_in]) for i in range(0, 5, fan_in)
     ]
-    root = selection.merge_unit(mid, os.path.join(out, "root.parquet"))
-    selection.finalize_unit(root, out)
+    for level in levels:
+        stats = run_stage(merges, level)
+        assert all(os.path.exists(s.url) and s.entries > 0 for s in stats)
+    assert merges.root() == merges.outputs(levels[-1][0])[0]
+    [report] = run_stage(selection.SelectFinalizeStage(config))
     expect, _ = brute_force(urls, 2, 6)
-    assert read_selection(out) == expect
+    assert read_selection(out) == expect and report["selected"] == len(expect)
+    # a rerun reads every unit back
+    again = run_stage(selection.SelectPartialStage(config))
+    assert all(a.skipped and a.entries == m.entries for a, m in zip(again, maps, strict=True))
+    [report_again] = run_stage(selection.SelectFinalizeStage(config))
+    assert report_again["skipped"] and report_again["selected"] == len(expect)
+
+
+def test_select_has_no_fan_in_and_fan_in_is_not_identity():
+    """In one process there is no tree, so ``select`` takes no ``fan_in`` (its one default
+    is SelectConfig's, which the generated CLI falls back to); fan_in shapes the tree,
+    never the selection, so it is not part of the stages' identity."""
+    import inspect
+
+    assert "fan_in" not in inspect.signature(selection.select).parameters
+    base = {"predictions": "p", "out": "o"}
+    stage = selection.SelectMergeStage
+    assert (stage(SelectConfig(**base, fan_in=2)).identity_hash()
+            == stage(SelectConfig(**base, fan_in=64)).identity_hash())  # fmt: skip
+    assert (stage(SelectConfig(**base, top_k=5)).identity_hash()
+            != stage(SelectConfig(**base)).identity_hash())  # fmt: skip
 
 
 def test_rerun_writes_nothing_and_p_is_checked(tmp_path):
@@ -167,13 +214,13 @@ def test_small_flushes_and_file_order(tmp_path, monkeypatch, flush_rows):
     partials are added in slices, and the writer groups the files in several slices.
     The selection file is in (file, row) order; an image selected for several classes
     has its rows in class order."""
-    monkeypatch.setattr(selection, "FLUSH_ROWS", flush_rows)
+    monkeypatch.setattr(topk, "FLUSH_ROWS", flush_rows)
     rng = np.random.default_rng(flush_rows)
     urls = make_predictions(tmp_path, rng, files=6, rows=50, stored_p=4, levels=4)
     empty = str(tmp_path / "predictions" / "part" / "p-000099.parquet")
     _write_predictions(empty, [], [], [], 4, 12)  # a file without rows changes nothing
     out = tmp_path / "sel"
-    selection.select([*urls, empty], 3, 9, str(out), fan_in=2)
+    selection.select([*urls, empty], 3, 9, str(out))
     expect, _ = brute_force(urls, 3, 9)
     assert read_selection(out) == expect
     position = {}
@@ -184,7 +231,7 @@ def test_small_flushes_and_file_order(tmp_path, monkeypatch, flush_rows):
     physical = [(r["key"], r["label"]) for r in got]
     assert physical == sorted(physical, key=lambda kl: (position[kl[0]], kl[1]))
     # the same through persisted-free partials and merges, in slices
-    parts = [selection.partial_topk(u, 3, 9) for u in urls]
-    tree = selection.merge([selection.merge(parts[:4]), selection.merge(parts[4:])])
-    assert tree.same_as(selection.merge(parts[::-1]))
+    parts = [topk.partial_topk(u, 3, 9) for u in urls]
+    tree = topk.merge([topk.merge(parts[:4]), topk.merge(parts[4:])])
+    assert tree.same_as(topk.merge(parts[::-1]))
     assert len(tree) == len(expect)

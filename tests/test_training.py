@@ -1,5 +1,5 @@
-"""Training stages on the bundled digits shards: freezing, LR multipliers, resume after a
-crash, evaluation against a hand computation, metrics tables, chop, configs."""
+"""Classification training on the bundled digits shards: freezing, LR multipliers, resume
+after a crash, evaluation against a hand computation, metrics tables, chop, configs."""
 
 from __future__ import annotations
 
@@ -15,9 +15,11 @@ from cvpipe import models
 from cvpipe.core import tables
 from cvpipe.core.storage import is_committed, read_bytes
 from cvpipe.data.shards import read_shard_samples
+from cvpipe.experiments import chop
 from cvpipe.experiments.config import SemiSupervisedConfig
-from cvpipe.learn import training
+from cvpipe.learn import loop, training, transfer
 from cvpipe.learn.config import TrainConfig
+from cvpipe.learn.tasks.classification import classifier_parts, initial_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,8 +85,8 @@ def test_frozen_stages_keep_weights_and_batchnorm_stats(digits_shards, base_ckpt
 
 def test_freezing_puts_frozen_stages_in_eval_mode():
     model = models.build("small_cnn", 10)
-    frozen = training.freeze_stages(model, 1)
-    training.set_train_mode(model, frozen)
+    frozen = transfer.freeze_stages(classifier_parts(model), 1)
+    transfer.set_train_mode(model, frozen)
     assert not model.backbone.conv1.training and not model.backbone.conv1[1].training
     assert model.backbone.conv2.training and model.head.training
     assert not any(p.requires_grad for p in model.backbone.conv1.parameters())
@@ -93,7 +95,7 @@ def test_freezing_puts_frozen_stages_in_eval_mode():
 
 def test_copy_stages_reinitializes_above_n(digits_shards, base_ckpt):
     cfg = tiny(copy_stages=1)
-    model, lineage = training.initial_model(cfg, [str(i) for i in range(10)], base_ckpt)
+    model, lineage = initial_model(cfg, [str(i) for i in range(10)], base_ckpt)
     before = weights(base_ckpt)
     got = model.state_dict()
     assert torch.equal(got["backbone.conv1.0.weight"], before["backbone.conv1.0.weight"])
@@ -103,7 +105,7 @@ def test_copy_stages_reinitializes_above_n(digits_shards, base_ckpt):
 
 
 def test_new_class_set_replaces_the_head(digits_shards, base_ckpt):
-    model, lineage = training.initial_model(tiny(), ["a", "b", "c"], base_ckpt)
+    model, lineage = initial_model(tiny(), ["a", "b", "c"], base_ckpt)
     assert model.head.out_features == 3 and lineage["init_classes_match"] is False
     before = weights(base_ckpt)
     assert torch.equal(model.backbone.conv3[0].weight, before["backbone.conv3.0.weight"])
@@ -115,8 +117,9 @@ def test_new_class_set_replaces_the_head(digits_shards, base_ckpt):
 def test_lr_multipliers_reach_the_param_groups():
     cfg = tiny(lr=0.1, lr_multipliers={"head": 1.0, "conv3": 0.5, "conv2": 0.0}, freeze_stages=1)
     model = models.build("small_cnn", 10)
-    training.freeze_stages(model, cfg.freeze_stages)
-    opt = training.build_optimizer(model, cfg)
+    parts = classifier_parts(model)
+    transfer.freeze_stages(parts, cfg.freeze_stages)
+    opt = loop.build_optimizer(transfer.param_groups(model, parts, cfg.lr, cfg.lr_multipliers), cfg)
     groups = {g["name"]: g for g in opt.param_groups}
     assert set(groups) == {"conv2", "conv3", "head"}  # conv1 is frozen: not optimized
     assert groups["head"]["lr"] == pytest.approx(0.1)
@@ -126,7 +129,7 @@ def test_lr_multipliers_reach_the_param_groups():
     assert ids["conv3"] == {id(p) for p in model.backbone.conv3.parameters()}
     assert ids["head"] == {id(p) for p in model.head.parameters()}
     # The schedule scales every group alike, so the ratios survive it.
-    sched = training.build_scheduler(opt, tiny(lr=0.1, epochs=4))
+    sched = loop.build_scheduler(opt, tiny(lr=0.1, epochs=4))
     opt.step()
     sched.step()
     assert groups["conv3"]["lr"] / groups["head"]["lr"] == pytest.approx(0.5)
@@ -162,7 +165,7 @@ def test_resume_after_crash_equals_an_uninterrupted_run(digits_shards, tmp_path,
     lab = digits_shards["labeled"]
     straight = training.train(cfg, lab, str(tmp_path / "straight"))
 
-    real = training.train_one_epoch
+    real = loop.train_one_epoch
     calls = []
 
     def crash_on_third(*a, **kw):
@@ -172,14 +175,14 @@ def test_resume_after_crash_equals_an_uninterrupted_run(digits_shards, tmp_path,
         return real(*a, **kw)
 
     out = str(tmp_path / "crashed")
-    monkeypatch.setattr(training, "train_one_epoch", crash_on_third)
+    monkeypatch.setattr(loop, "train_one_epoch", crash_on_third)
     with pytest.raises(KeyboardInterrupt):
         training.train(cfg, lab, out)
     assert training.last_epoch(out) == 2 and not is_committed(training.final_url(out))
 
     calls.clear()
     monkeypatch.setattr(
-        training, "train_one_epoch", lambda *a, **kw: (calls.append(1), real(*a, **kw))[1]
+        loop, "train_one_epoch", lambda *a, **kw: (calls.append(1), real(*a, **kw))[1]
     )
     resumed = training.train(cfg, lab, out)
     assert len(calls) == 1  # only epoch 3 was trained again
@@ -201,7 +204,7 @@ def test_committed_final_is_skipped_and_another_config_is_refused(
     def boom(*a, **kw):
         raise AssertionError("should not train")
 
-    monkeypatch.setattr(training, "train_one_epoch", boom)
+    monkeypatch.setattr(loop, "train_one_epoch", boom)
     out = str(Path(base_ckpt).parent)
     assert training.train(tiny(epochs=6), digits_shards["labeled"], out) == base_ckpt
     with pytest.raises(training.TrainingError, match="another run"):
@@ -272,7 +275,7 @@ def test_metrics_parquet_has_a_row_per_epoch_and_split(digits_shards, tmp_path):
 
 
 def test_chop_configs_cover_every_n_and_mode():
-    runs = training.chop_configs(tiny())
+    runs = chop.chop_configs(tiny())
     assert [(n, m) for n, m, _ in runs] == [
         (0, "finetuned"),
         (1, "frozen"),
@@ -287,7 +290,7 @@ def test_chop_configs_cover_every_n_and_mode():
 
 
 def test_chop_writes_table_markdown_and_plot(digits_shards, base_ckpt, tmp_path):
-    urls = training.chop(
+    urls = chop.chop(
         base_ckpt, tiny(), digits_shards["labeled"], digits_shards["test"][:1], str(tmp_path)
     )
     table = tables.read_parquet(urls["parquet"])

@@ -312,6 +312,27 @@ SSL_RUNS = pa.schema(
     ]
 )
 
+# Samples of one shard and how many carry their true label (cvpipe/label/materialize.py
+# LabelCheckStage): one row per shard, summed by the flow into counts and precision.
+LABEL_CHECK = pa.schema(
+    [
+        ("shard", pa.string()),
+        ("samples", pa.int64()),
+        ("checked", pa.int64()),  # samples with a known true label
+        ("right", pa.int64()),  # ... whose label is that true label
+    ]
+)
+
+
+# Training metrics of any task (cvpipe/learn/loop.py): one row per epoch and split, the
+# task's metrics between the loss and the throughput. Classification's is METRICS.
+def metrics_schema(metric_names: tuple[str, ...] | list[str]) -> pa.Schema:
+    return pa.schema(
+        [("epoch", pa.int32()), ("split", pa.string()), ("loss", pa.float64())]
+        + [(name, pa.float64()) for name in metric_names]
+        + [("images_per_s", pa.float64())]
+    )
+
 
 # Learning to transfer (cvpipe/label/p2l.py, cvpipe/learn/shallow.py,
 # cvpipe/models/costs.py, cvpipe/experiments/p2l_validation.py, transfer_study.py).

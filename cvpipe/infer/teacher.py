@@ -1,15 +1,18 @@
-"""Teacher inference over shards: top-P classes (and optionally embeddings) per image.
+"""Teacher inference over shards, the model side: top-P classes (and optionally
+embeddings) per image.
 
-One work unit is a group of shards handled by one :class:`Teacher` with one DataLoader.
-DataLoader workers split whole shards between them, read and decode, and assemble
-batches; the main process runs the model and keeps, per shard, a buffer of results
-that is published when the worker signals the end of that shard. Per input shard:
+A group of shards is handled by one :class:`Teacher` with one DataLoader. DataLoader
+workers (:mod:`cvpipe.infer.batches`) split whole shards between them, read and decode,
+and assemble batches; the main process runs the model and keeps, per shard, a buffer of
+results that is published when the worker signals the end of that shard. Per input
+shard:
 
 - ``OUT/predictions/<partition>/<stem>.parquet`` (:data:`tables.PREDICTIONS`), the commit;
 - ``OUT/features/<partition>/<stem>.parquet`` (:func:`tables.features_schema`) when asked;
 - ``OUT/rejects/infer/<partition>/<stem>.parquet`` (:data:`tables.REJECTS`).
 
-A shard whose outputs are all committed is skipped (its stats are read back).
+A shard whose outputs are all committed is skipped (its stats are read back). The
+stage that runs groups of shards as work units is :class:`cvpipe.infer.stage.InferStage`.
 
 On CUDA the stage uses pinned memory, non-blocking copies, channels_last, bf16 autocast,
 and decodes JPEG on the GPU (nvjpeg, batched); results come back one batch late so the
@@ -18,11 +21,10 @@ GPU always has the next batch queued while the host handles the previous one.
 
 from __future__ import annotations
 
-import io
 import time
 import warnings
 from collections import Counter, defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -30,19 +32,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from PIL import Image
 
 from cvpipe.core import tables
 from cvpipe.core.storage import is_committed, url_to_fs
 from cvpipe.data import images
 from cvpipe.data.ingest import reject_summary, shard_summary
-from cvpipe.data.loader import ShardDataset
-from cvpipe.data.shards import Reject, Sample, iter_shard, shard_id, unit_url
+from cvpipe.data.shards import Reject, shard_id, unit_url
+from cvpipe.infer.batches import STAGE, InferenceDataset
 from cvpipe.models import load_checkpoint, model_id, preprocess, resolve_device
-
-STAGE = "infer"
-_JPEG_EXTS = ("jpg", "jpeg")
-_EXIF_ORIENTATION = 0x0112
 
 
 def predictions_url(out: str, sid: str) -> str:
@@ -80,6 +77,23 @@ class InferStats:
         return {**asdict(self), "rejected": self.rejected}
 
 
+def committed_outputs(out: str, sid: str, features: bool) -> list[str]:
+    """The outputs of one shard, in the order they are published (predictions last:
+    they are the commit)."""
+    return [rejects_url(out, sid), *([features_url(out, sid)] if features else []),
+            predictions_url(out, sid)]  # fmt: skip
+
+
+def committed_stats(out: str, sid: str) -> InferStats:
+    """Stats of a shard an earlier run committed, read back from its tables (the
+    predictions footer and the rejects' reasons): nothing is inferred again."""
+    fs, path = url_to_fs(predictions_url(out, sid))
+    rows = pq.ParquetFile(path, filesystem=fs).metadata.num_rows
+    reasons = tables.read_parquet(rejects_url(out, sid), columns=["reason"])
+    counts = Counter(reasons.column("reason").to_pylist())
+    return InferStats(sid, images=rows, rejects=dict(counts), skipped=True)
+
+
 def summarize(stats: Sequence[InferStats]) -> dict[str, Any]:
     return {
         **shard_summary(stats),
@@ -90,125 +104,6 @@ def summarize(stats: Sequence[InferStats]) -> dict[str, Any]:
             for k in ("decode_s", "h2d_s", "forward_s", "write_s")
         },
     }
-
-
-# ------------------------------------------------------------------------ worker side
-
-
-def _jpeg_for_gpu(data: bytes, max_pixels: int) -> bool:
-    """True when nvjpeg can take these bytes as they are: a complete baseline JPEG with
-    1 (gray) or 3 (YCbCr) components within the pixel cap and with no EXIF rotation
-    (nvjpeg ignores EXIF). Everything else (progressive, CMYK, rotated, PNG, WebP) is
-    decoded on the host. Raises :class:`images.RejectedImage` for a bad image (the
-    same checks as ingest). The frame header decides; Pillow is only asked about EXIF
-    when the file carries an EXIF block."""
-    header = images.inspect(data, max_pixels)
-    if header.format != "JPEG" or header.components not in (1, 3) or header.progressive:
-        return False
-    if header.exif:
-        try:
-            orientation = Image.open(io.BytesIO(data)).getexif().get(_EXIF_ORIENTATION, 1)
-        except Exception:  # a broken EXIF block: let the host decoder decide
-            return False
-        if orientation != 1:
-            return False
-    return True
-
-
-class _Batch:
-    def __init__(self) -> None:
-        self.images: list[torch.Tensor] = []
-        self.image_meta: list[tuple[str, str, int]] = []  # (shard, key, position in shard)
-        self.jpegs: list[bytes] = []
-        self.jpeg_meta: list[tuple[str, str, int]] = []
-        self.rejects: list[dict[str, str]] = []
-        self.ends: list[dict[str, Any]] = []
-
-    def __len__(self) -> int:
-        return len(self.images) + len(self.jpegs)
-
-    def empty(self) -> bool:
-        return not (len(self) or self.rejects or self.ends)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "images": torch.stack(self.images) if self.images else torch.empty(0),
-            "image_meta": self.image_meta,
-            # One buffer for all JPEGs of the batch: a DataLoader worker hands each
-            # tensor to the main process through its own shared-memory segment, and
-            # 256 small segments per batch cost more than decoding them (0.18x of the
-            # bare forward on an H100 before, with nvjpeg at 20k img/s).
-            "jpegs": torch.frombuffer(bytearray(b"".join(self.jpegs)), dtype=torch.uint8)
-            if self.jpegs
-            else torch.empty(0, dtype=torch.uint8),
-            "jpeg_sizes": [len(j) for j in self.jpegs],
-            "jpeg_meta": self.jpeg_meta,
-            "rejects": self.rejects,
-            "ends": self.ends,
-        }
-
-
-class InferenceDataset(ShardDataset):
-    """Batches for inference, assembled in the worker: ``{images, image_meta, jpegs,
-    jpeg_meta, rejects, ends}``. Each worker reads whole shards in order (the split of
-    :class:`ShardDataset`); ``ends`` carries one marker per shard, in the batch holding
-    that shard's last sample, so the consumer knows when a shard is complete. With
-    ``gpu_jpeg`` JPEG bytes are passed through undecoded for nvjpeg; every other image
-    is decoded and preprocessed here."""
-
-    def __init__(
-        self,
-        urls: Sequence[str],
-        transform: Any,
-        batch_size: int,
-        *,
-        gpu_jpeg: bool = False,
-        max_pixels: int = images.DEFAULT_MAX_PIXELS,
-    ) -> None:
-        super().__init__(urls, transform, stage=STAGE, max_pixels=max_pixels)
-        self.batch_size = batch_size
-        self.gpu_jpeg = gpu_jpeg
-
-    def _add(self, s: Sample, sid: str, position: int, batch: _Batch) -> None:
-        try:
-            if self.gpu_jpeg and s.ext in _JPEG_EXTS and _jpeg_for_gpu(s.data, self.max_pixels):
-                batch.jpegs.append(s.data)
-                batch.jpeg_meta.append((sid, s.key, position))
-                return
-            image = self.transform(images.decode(s.data, self.max_pixels))
-        except images.RejectedImage as e:
-            batch.rejects.append(Reject(s.key, sid, STAGE, e.reason, e.detail).row())
-            return
-        batch.images.append(image)
-        batch.image_meta.append((sid, s.key, position))
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        urls, _ = self._my_urls()
-        batch = _Batch()
-        for url in urls:
-            sid = shard_id(url)
-            spent, position = 0.0, 0
-            t0 = time.perf_counter()
-            for item in iter_shard(url, stage=STAGE, decode=False, max_pixels=self.max_pixels):
-                if isinstance(item, Reject):
-                    batch.rejects.append(item.row())
-                else:
-                    self._add(item, sid, position, batch)
-                    position += 1
-                if len(batch) >= self.batch_size:
-                    spent += time.perf_counter() - t0
-                    yield batch.to_dict()
-                    batch = _Batch()
-                    t0 = time.perf_counter()
-            spent += time.perf_counter() - t0
-            # The end marker rides with this shard's last samples (or the next shard's
-            # first ones): the consumer flushes the shard after handling that batch.
-            batch.ends.append({"shard": sid, "decode_s": spent})
-        if not batch.empty():
-            yield batch.to_dict()
-
-
-# -------------------------------------------------------------------------- main side
 
 
 class _ShardBuffer:
@@ -262,8 +157,8 @@ class _Inflight:
 
 
 class Teacher:
-    """The inference stage. Build it once per process (it loads the model), then call
-    :meth:`process` on groups of shards."""
+    """The model side of inference. Build it once per process (it loads the model),
+    then call :meth:`process` on groups of shards."""
 
     def __init__(
         self,
@@ -323,17 +218,7 @@ class Teacher:
         )
 
     def done(self, sid: str, out: str) -> bool:
-        urls = [predictions_url(out, sid), rejects_url(out, sid)]
-        if self.features:
-            urls.append(features_url(out, sid))
-        return all(is_committed(u) for u in urls)
-
-    def _committed_stats(self, sid: str, out: str) -> InferStats:
-        fs, path = url_to_fs(predictions_url(out, sid))
-        rows = pq.ParquetFile(path, filesystem=fs).metadata.num_rows
-        reasons = tables.read_parquet(rejects_url(out, sid), columns=["reason"])
-        counts = Counter(reasons.column("reason").to_pylist())
-        return InferStats(sid, images=rows, rejects=dict(counts), skipped=True)
+        return all(is_committed(u) for u in committed_outputs(out, sid, self.features))
 
     # ------------------------------------------------------------------ the model
 
@@ -525,7 +410,7 @@ class Teacher:
         todo = []
         for u in urls:
             if self.done(sids[u], out):
-                results[u] = self._committed_stats(sids[u], out)
+                results[u] = committed_stats(out, sids[u])
             else:
                 todo.append(u)
         if todo:
@@ -574,40 +459,3 @@ def _to_host(t: torch.Tensor) -> torch.Tensor:
     host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
     host.copy_(t, non_blocking=True)
     return host
-
-
-_TEACHERS: dict[tuple, Teacher] = {}
-
-
-def get_teacher(checkpoint_url: str, **kwargs: Any) -> Teacher:
-    """A per-process cache of teachers, so that a long-lived worker (a Prefect or Dask
-    worker) loads a checkpoint once however many shard groups it handles."""
-    key = (checkpoint_url, tuple(sorted(kwargs.items())))
-    if key not in _TEACHERS:
-        _TEACHERS.clear()  # one teacher per process: GPU memory is not for hoarding
-        _TEACHERS[key] = Teacher(checkpoint_url, **kwargs)
-    return _TEACHERS[key]
-
-
-def infer_shards(
-    shard_urls: Sequence[str],
-    checkpoint_url: str,
-    out: str,
-    *,
-    top_p: int = 5,
-    features: bool = False,
-    batch_size: int = 256,
-    device: str = "auto",
-    num_workers: int = 2,
-) -> list[InferStats]:
-    """One work unit (a group of shards) with small, hashable arguments: what a Prefect
-    task wraps. Returns the stats of each shard."""
-    teacher = get_teacher(
-        checkpoint_url,
-        top_p=top_p,
-        features=features,
-        batch_size=batch_size,
-        device=device,
-        num_workers=num_workers,
-    )
-    return teacher.process(list(shard_urls), out)

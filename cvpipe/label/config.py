@@ -18,7 +18,9 @@ class SelectConfig(Strict):
     out: str = Field(description="writes OUT/selection.parquet and OUT/selection_report.md")
     top_p: int = Field(5, ge=1)
     top_k: int = Field(16_000, ge=1)
-    fan_in: int = Field(16, ge=2, description="partials merged per reduce task")
+    # The shape of the merge tree: merging is associative, so it never changes the
+    # selection (a runtime field). The CLI's --fan-in default is read from here.
+    fan_in: int = runtime(16, ge=2, description="partials merged per reduce task")
 
 
 class MaterializeConfig(Strict):
@@ -69,6 +71,24 @@ class LabelConfig(Strict):
     checkpoint: str | None = Field(None, description="softmax anchors: the reference model")
     kl_direction: Literal["image_anchor", "anchor_image"] = "image_anchor"
     eps: float = Field(1e-8, gt=0, description="KL: added to every probability before renorm")
+
+
+class RelabelConfig(Strict):
+    """Shards relabeled from a per-shard labels table (e.g. anchor labels)."""
+
+    labels: str = Field(description="a folder of labels tables: LABELS/<partition>/<stem>.parquet")
+    shards: str | list[str] = Field(description="the shards the labels were made for")
+    out: str = Field(description="writes OUT/shards/<partition>/<stem>.tar")
+
+
+class LabelCheckConfig(Strict):
+    """Samples per shard, and how many carry their true label (pseudo-label precision)."""
+
+    shards: str | list[str] = Field(description="the shards to count and check")
+    out: str = Field(description="writes OUT/<partition>/<stem>.parquet, one row per shard")
+    truth: str | None = Field(
+        None, description="a CSV (image, label) of hidden labels, keyed by source file name"
+    )
 
 
 class Candidate(Strict):

@@ -11,9 +11,15 @@ from cvpipe.core.config import Strict, runtime
 
 class TrainConfig(Strict):
     """One training stage: from scratch, or fine-tuning from a checkpoint with transfer
-    controls (Yosinski et al. 2014: copy the first n stages, freeze them or not)."""
+    controls (Yosinski et al. 2014: copy the first n stages, freeze them or not).
 
-    arch: str = Field("small_cnn", description="a key of cvpipe.models.ARCHITECTURES")
+    The loop (cvpipe.learn.loop) reads the optimization fields; the task (classification,
+    multi-label, detection, contrastive) reads the model and data fields it needs."""
+
+    arch: str = Field(
+        "small_cnn",
+        description="a key of cvpipe.models.ARCHITECTURES (or DETECTORS, for detection)",
+    )
     classes: list[str] | None = Field(
         None, description="class names in head order; None: the sorted labels of the data"
     )
@@ -41,6 +47,13 @@ class TrainConfig(Strict):
     seed: int = 0
     device: str = runtime("auto", description="auto | cpu | cuda | cuda:N")
     num_workers: int = runtime(0, ge=0, description="DataLoader workers (capped at shard count)")
+    num_streams: int = Field(
+        1,
+        ge=1,
+        description="sample streams the shards are split over; the sample order depends on it "
+        "(and on the seed), never on num_workers; workers read whole streams, so more workers "
+        "than streams idle",
+    )
     amp: bool = Field(True, description="bf16 autocast (CUDA only)")
     channels_last: bool = Field(True, description="channels_last memory format (CUDA only)")
     freeze_stages: int = Field(
@@ -63,7 +76,7 @@ class TrainConfig(Strict):
         None, ge=1, description="torch threads on CPU (None: torch's default; 1 suits small models)"
     )
     keep_checkpoints: int | None = runtime(
-        None,
+        2,
         ge=1,
         description="keep only the last n epoch checkpoints (None: all); resume needs 1",
     )
@@ -71,10 +84,9 @@ class TrainConfig(Strict):
     @field_validator("arch")
     @classmethod
     def _known_arch(cls, v: str) -> str:
-        from cvpipe.models import ARCHITECTURES
+        from cvpipe.models import stages_of
 
-        if v not in ARCHITECTURES:
-            raise ValueError(f"unknown architecture {v!r}; choose from {sorted(ARCHITECTURES)}")
+        stages_of(v)  # raises ValueError naming the known architectures
         return v
 
     @field_validator("lr_multipliers")
@@ -87,9 +99,9 @@ class TrainConfig(Strict):
 
     @model_validator(mode="after")
     def _stages_exist(self) -> TrainConfig:
-        from cvpipe.models import ARCHITECTURES
+        from cvpipe.models import stages_of
 
-        stages = ARCHITECTURES[self.arch].stages
+        stages = stages_of(self.arch)
         if self.freeze_stages > len(stages):
             raise ValueError(
                 f"freeze_stages={self.freeze_stages} but {self.arch} has {len(stages)} stages"

@@ -1,8 +1,13 @@
 """Checkpoints: a trained model as two files, published atomically.
 
 ``NAME.pt`` is the state_dict (loaded with ``weights_only=True``), and ``NAME.json`` a
-sidecar with the architecture, class names, input size, normalization and training
-lineage. The sidecar is written first; the weights are the commit.
+sidecar with the task, architecture, class names, input size, normalization and
+training lineage. The sidecar is written first; the weights are the commit.
+
+Classifiers (``task`` classification or multilabel: a :class:`Classifier` whose head
+has one output per class) load with :func:`load_checkpoint`. Other models (a detector,
+an embedding net) are built by their training task, which reads the weights with
+:func:`load_state`.
 """
 
 from __future__ import annotations
@@ -15,13 +20,16 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
 
+from cvpipe.core.stage import PermanentError
 from cvpipe.core.storage import is_committed, open_atomic, read_bytes
 from cvpipe.models.nets import IMAGENET_MEAN, IMAGENET_STD, Classifier, build
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, corrupt, or does not fit its architecture."""
+class CheckpointError(PermanentError, ValueError):
+    """A checkpoint that is missing, corrupt, or does not fit its architecture: a retry
+    cannot fix it (a PermanentError, so a stage unit that meets it is not retried)."""
 
 
 @dataclass
@@ -34,6 +42,10 @@ class ModelInfo:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     lineage: dict[str, Any] = field(default_factory=dict)
+    # What the weights are: "classification" and "multilabel" are Classifiers (one head
+    # output per class); "detection", "contrastive" and later tasks are built by their
+    # task. Sidecars written before the field existed are classifiers.
+    task: str = "classification"
 
     @property
     def num_classes(self) -> int:
@@ -44,14 +56,30 @@ def sidecar_url(url: str) -> str:
     return (url[: -len(".pt")] if url.endswith(".pt") else url) + ".json"
 
 
-def save_checkpoint(model: Classifier, info: ModelInfo, url: str) -> str:
+CLASSIFIER_TASKS = ("classification", "multilabel")
+
+
+def check_fits(model: nn.Module, info: ModelInfo) -> None:
+    """A model must be the architecture its info names; a classifier's linear head must
+    have one output per class. Models without such a head (a detector, an embedding
+    net) are checked on the architecture only."""
+    arch = getattr(model, "arch", None)
+    if arch is not None and arch != info.arch:
+        raise CheckpointError(f"model is a {arch}, its info says {info.arch}")
+    if info.task in CLASSIFIER_TASKS:
+        head = getattr(model, "head", None)
+        out = head.out_features if isinstance(head, nn.Linear) else None
+        if out != info.num_classes:
+            raise CheckpointError(
+                f"model ({arch}, {out} head outputs) does not match its info "
+                f"({info.arch}, {info.num_classes} classes)"
+            )
+
+
+def save_checkpoint(model: nn.Module, info: ModelInfo, url: str) -> str:
     """Publish ``NAME.pt`` and its ``NAME.json`` sidecar atomically (sidecar first, the
     weights are the commit). Returns the model id (a hash of the weights file)."""
-    if model.arch != info.arch or model.head.out_features != info.num_classes:
-        raise CheckpointError(
-            f"model ({model.arch}, {model.head.out_features} classes) does not match its info "
-            f"({info.arch}, {info.num_classes} classes)"
-        )
+    check_fits(model, info)
     buf = io.BytesIO()
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buf)
     data = buf.getvalue()
@@ -73,8 +101,9 @@ def load_info(url: str) -> ModelInfo:
         raise CheckpointError(f"checkpoint sidecar {sidecar_url(url)} is malformed: {e}") from None
 
 
-def load_checkpoint(url: str, device: str | torch.device = "cpu") -> tuple[Classifier, ModelInfo]:
-    """Load a checkpoint safely (``weights_only=True``); any problem is a CheckpointError."""
+def load_state(url: str) -> tuple[dict[str, torch.Tensor], ModelInfo]:
+    """The state_dict (on CPU, read with ``weights_only=True``) and the sidecar of any
+    checkpoint; any problem is a CheckpointError."""
     if not is_committed(url):
         raise CheckpointError(f"checkpoint {url} does not exist")
     info = load_info(url)
@@ -85,6 +114,18 @@ def load_checkpoint(url: str, device: str | torch.device = "cpu") -> tuple[Class
         raise CheckpointError(f"checkpoint {url} is corrupt: {type(e).__name__}: {e}") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {url} holds a {type(state).__name__}, not a state_dict")
+    return state, info
+
+
+def load_checkpoint(url: str, device: str | torch.device = "cpu") -> tuple[Classifier, ModelInfo]:
+    """Load a classifier checkpoint safely (``weights_only=True``); any problem is a
+    CheckpointError."""
+    state, info = load_state(url)
+    if info.task not in CLASSIFIER_TASKS:
+        raise CheckpointError(
+            f"checkpoint {url} holds a {info.task} model, not a classifier: "
+            "load it with its training task"
+        )
     model = build(info.arch, info.num_classes)
     try:
         model.load_state_dict(state, strict=True)

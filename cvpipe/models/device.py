@@ -7,13 +7,19 @@ from collections.abc import Iterator
 
 import torch
 
+from cvpipe.core.stage import PermanentError
+
+
+class DeviceError(PermanentError, RuntimeError):
+    """The device asked for is not there (no retry brings a GPU back)."""
+
 
 def resolve_device(device: str = "auto") -> torch.device:
     """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device")
+        raise DeviceError("--device cuda was asked for, but torch sees no CUDA device")
     return torch.device(device)
 
 

@@ -125,7 +125,7 @@ def build(arch: str, num_classes: int) -> Classifier:
     return Classifier(arch, num_classes)
 
 
-def stage_modules(model: Classifier) -> list[tuple[str, list[nn.Module]]]:
+def stage_modules(model: Classifier | EmbeddingNet) -> list[tuple[str, list[nn.Module]]]:
     """The backbone's named stages, first to last, each with its modules."""
     names = ARCHITECTURES[model.arch].stages
     out = []
@@ -136,3 +136,24 @@ def stage_modules(model: Classifier) -> list[tuple[str, list[nn.Module]]]:
             mods = [model.backbone.get_submodule(name)]
         out.append((name, mods))
     return out
+
+
+class EmbeddingNet(nn.Module):
+    """A classifier's ``backbone`` followed by a linear projection ``head`` to ``dim``
+    dimensions, optionally L2-normalized: the G(x) of a Siamese network. The backbone's
+    keys are a Classifier's, so any pipeline checkpoint can seed it."""
+
+    def __init__(self, arch: str, dim: int, normalize: bool = True) -> None:
+        super().__init__()
+        if arch not in ARCHITECTURES:
+            raise ValueError(f"unknown architecture {arch!r}; choose from {sorted(ARCHITECTURES)}")
+        if dim < 1:
+            raise ValueError(f"embedding dim must be >= 1, got {dim}")
+        self.arch = arch
+        self.normalize = normalize
+        self.backbone, self.feature_dim = ARCHITECTURES[arch].build_backbone()
+        self.head = nn.Linear(self.feature_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.head(self.backbone(x))
+        return nn.functional.normalize(z, dim=1) if self.normalize else z

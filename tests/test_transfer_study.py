@@ -177,7 +177,8 @@ def test_report_names_the_choices(tmp_path):
         "curriculum": "curriculum:r>a",
         "arch": "small_cnn@16",
     }
-    assert "**Curriculum: `r>a`** beats" in md and "paired wins 2/2" in md
+    assert "**Curriculum: `r>a` helps**" in md and "paired wins 2/2" in md
+    assert "**Better start: `curriculum:r>a`**" in md
     assert "**Source: `a`**" in md and "**Method: `freeze-2`**" in md
     assert "**Freezing depth: 2**" in md and "p2l (paper)" in md and "19,154" in md
     assert (tmp_path / "transfer_report.png").read_bytes()[:4] == b"\x89PNG"

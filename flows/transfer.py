@@ -12,6 +12,7 @@ frozen features (the whole study is flows/transfer_study.py).
 from __future__ import annotations
 
 import json
+import posixpath
 from collections.abc import Mapping
 from typing import Any
 
@@ -55,12 +56,19 @@ def summarize(
             and _same(lin.get("sources"), dict(sources))
         ):
             return out_url
+    # The anchors stage lists every features file under a dataset's folder: a work folder
+    # per set of shards keeps the features of datasets named alike but made of other
+    # shards (an earlier run's) out of this summary.
+    folder, name = posixpath.split(str(out_url))
+    stem = name.rsplit(".", 1)[0]
+    work = storage.join(folder, f"{stem}_work", tables.config_hash(dict(sources))[:12])
     anchors_build_flow(
         AnchorsConfig(
             sources=dict(sources),
             checkpoint=reference,
             out=out_url,
             kind=kind,
+            work=work,
             batch_size=batch_size,
             device=device,
             num_workers=num_workers,

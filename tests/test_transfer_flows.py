@@ -74,6 +74,14 @@ def test_p2l_cli_ranks_the_targets_own_data_first(
     assert [r["candidate"] for r in rows] == ["other", "same"]
     assert storage.url_to_fs(summary)[0].modified(summary) == before
 
+    # Another target set under the same output: its summary holds its own images only
+    # (not the earlier target's features, which sit in the same output folder).
+    invoke(*[other if a == target else a for a in args])
+    from cvpipe.label import anchors
+
+    _, _, counts = anchors.read_anchors(f"{out}/summaries/target-normalized.parquet")
+    assert counts.tolist() == [179]
+
 
 def test_shallow_cli_on_features_of_a_checkpoint(
     prefect_harness, digits_shards, reference, tmp_path

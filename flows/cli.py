@@ -439,6 +439,38 @@ def chop(
 
 
 @app.command()
+def pipeline(
+    config: str = typer.Argument(..., help="pipeline YAML (see flows/examples/pipeline.yaml)"),
+    partition: str = typer.Option(None, "--partition", help="the partition to process"),
+    stages: str = typer.Option(
+        None, "--stages", help="comma-separated stages to run (default: all enabled)"
+    ),
+    root: str = typer.Option(None, "--root", help="override the config's output root"),
+    runner: str = RUNNER,
+    workers: int = WORKERS,
+) -> None:
+    """The whole DAG for one partition: ingest -> teacher -> inference -> top-K selection
+    -> materialize -> student -> fine-tuning; committed work is skipped."""
+    from flows.pipeline_config import PipelineConfig
+
+    cfg = load_yaml_config(config, PipelineConfig, partition=partition, root=root)
+    wanted = [s.strip() for s in stages.split(",") if s.strip()] if stages else None
+    flow = _flow("pipeline", "pipeline_flow")
+    from flows.runners import with_runner
+
+    result = run_flow(with_runner(flow, runner, workers), cfg, wanted)
+    typer.echo("")
+    typer.echo(storage_read_text(result["report"]))
+    typer.echo(f"report: {result['report']}")
+
+
+def storage_read_text(url: str) -> str:
+    from cvpipe.core.storage import read_bytes
+
+    return read_bytes(url).decode()
+
+
+@app.command()
 def demo(
     out: str = typer.Option("demo", "--out", help="output folder of the demo"),
     seeds: int = typer.Option(None, "--seeds", help="run only the first N seeds"),
@@ -465,6 +497,13 @@ def demo(
                 str(examples / "anchors.yaml"), AnchorTransferConfig, root=join(out, "anchors")
             )
         )
+
+
+from flows.retry_rejects import retry_rejects  # noqa: E402 (commands in modules of their own)
+from flows.verify import verify  # noqa: E402
+
+app.command("retry-rejects")(retry_rejects)
+app.command("verify")(verify)
 
 
 # p2l, shallow, transfer (their own module; they use the helpers above when they run).

@@ -148,6 +148,11 @@ def api() -> Iterator[None]:
 def stop() -> None:
     global _API
     if _API is not None:
+        if "prefect.logging.handlers" in sys.modules:  # send buffered run logs first
+            from prefect.logging.handlers import APILogWorker
+
+            with contextlib.suppress(Exception):
+                APILogWorker.drain_all(timeout=5)
         _API.stop()
         if os.environ.get("PREFECT_API_URL") == _API.url:
             del os.environ["PREFECT_API_URL"]

@@ -10,6 +10,10 @@ validate) are not retried.
 
 from __future__ import annotations
 
+import functools
+import math
+import os
+import socket
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -38,10 +42,37 @@ def stage_tags(cls: type[Stage]) -> list[str]:
     return [f"stage:{cls.name}"] + (["gpu"] if cls.resources.gpus > 0 else [])
 
 
+def gpu_limit_name() -> str:
+    """The global concurrency limit that admits GPU units on this host: ``gpu:<host>``,
+    or ``CVPIPE_GPU_LIMIT`` (e.g. ``gpu:<host>:<device>`` for workers pinned to one
+    device each). Prefect's tag limits are global to the server, so one ``gpu`` tag
+    limit would serialize a whole cluster; a limit per host admits per host."""
+    return os.environ.get("CVPIPE_GPU_LIMIT") or f"gpu:{socket.gethostname()}"
+
+
+def _uses_gpu(stage_cls: type[Stage], config: BaseModel) -> bool:
+    if stage_cls.resources.gpus <= 0:
+        return False
+    device = str(getattr(config, "device", "auto"))
+    if device == "cpu":
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
 @task(cache_policy=NONE)
 def run_stage_unit(stage_cls: type[Stage], config: BaseModel, unit: Unit) -> Any:
-    """Run one unit of ``stage_cls`` configured by ``config`` (skipped if committed)."""
-    return run_unit(cached_stage(stage_cls, config), unit)
+    """Run one unit of ``stage_cls`` configured by ``config`` (skipped if committed).
+    A unit that works on a GPU first takes a slot of this host's GPU limit; without
+    such a limit on the server, Prefect admits it at once."""
+    admit = None
+    if _uses_gpu(stage_cls, config):
+        from prefect.concurrency.sync import concurrency
+
+        slots = max(1, math.ceil(stage_cls.resources.gpus))
+        admit = functools.partial(concurrency, gpu_limit_name(), occupy=slots, strict=False)
+    return run_unit(cached_stage(stage_cls, config), unit, admit)
 
 
 def unit_task(stage_cls: type[Stage]) -> Task:

@@ -1,7 +1,9 @@
 """The anchor stages as flows, through the CLI: anchors build -> infer features -> label."""
 
 import shutil
+from collections import Counter
 
+import numpy as np
 import pytest
 from conftest import ingest_folder
 from typer.testing import CliRunner
@@ -80,7 +82,7 @@ def test_anchors_build_and_every_labeler(
         (["--method", "nearest", "--n", "2"], 6),
         (["--method", "nearest", "--n", "3", "--metric", "kl"], 6),
         (["--method", "cfa", "--metric", "l2"], 6),
-        (["--method", "uniform", "--n-labels", "4"], None),
+        (["--method", "uniform", "--n-labels", "8"], None),
         (["--method", "random", "--n-labels", "5"], 5),
         (["--method", "vanilla", "--truth", test_root], 10),
     ]
@@ -96,6 +98,8 @@ def test_anchors_build_and_every_labeler(
         assert len(files) == 6
         labels = {lab for u in files for lab in tables.read_parquet(u).column("label").to_pylist()}
         assert labels and (max_labels is None or len(labels) <= max_labels)
+        if args[1] == "uniform":
+            assert_uniform(out, [r for u in files for r in tables.read_parquet(u).to_pylist()])
     bad = run(
         app,
         [
@@ -112,3 +116,29 @@ def test_anchors_build_and_every_labeler(
         ],
     )
     assert bad.exit_code == 1 and "error" in bad.output
+
+
+def assert_uniform(out, rows):
+    """Uniform's labels: each image's Nearest-3 sequence (its anchors column) goes to the
+    rule's bucket of that sequence, split by a hash of its key alone; the sizes are more
+    even than the raw sequences' and near the rule's target."""
+    rule = anchors.read_uniform_rule(f"{out}/_uniform_rule.parquet")
+    assert len(rows) == 540 and rule.target == 540 / 8
+    assert max(rule.parts.values()) > 1  # some bucket is split by the key hash
+    for r in rows:
+        bucket, _, part = r["label"].partition("#")
+        assert bucket == rule.bucket_of(r["anchors"]) and len(r["anchors"]) == 3
+        parts = rule.parts[bucket]
+        expect = int(anchors.key_hash([r["key"]], 0)[0] % parts) if parts > 1 else None
+        assert (int(part) if part else None) == expect
+    sizes = Counter(r["label"] for r in rows)
+    raw = Counter(">".join(r["anchors"]) for r in rows)
+    assert len(sizes) == sum(rule.parts.values())  # every part of every bucket is used
+    split = [n for label, n in sizes.items() if "#" in label]
+    assert split and all(0.5 * rule.target <= n <= 2 * rule.target for n in split)
+
+    def cv(c):
+        v = np.array(list(c.values()), float)
+        return v.std() / v.mean()
+
+    assert cv(sizes) < cv(raw)

@@ -10,6 +10,7 @@ import torch
 
 from cvpipe import models
 from cvpipe.core import tables
+from cvpipe.data.features import read_matrix
 from cvpipe.data.shards import read_shard_samples, shard_id, write_shard
 from cvpipe.infer.batches import jpeg_for_gpu
 from cvpipe.infer.config import InferConfig
@@ -92,7 +93,8 @@ def test_batch_size_does_not_change_classes(checkpoint, digits_shards, tmp_path)
         assert lin["model_id"] == models.model_id(checkpoint)
         assert lin["top_p"] == 3 and lin["config_hash"]
         feats = tables.read_parquet(features_url(str(tmp_path / "b64"), sid))
-        assert feats.schema.remove_metadata() == tables.features_schema(48)
+        assert feats.schema.remove_metadata() == tables.FEATURES
+        assert read_matrix(features_url(str(tmp_path / "b64"), sid)).shape == (100, 48)
         assert feats.column("key").to_pylist() == a.column("key").to_pylist()
     assert not os.path.exists(features_url(str(tmp_path / "b1"), shard_id(urls[0])))
 
@@ -125,7 +127,7 @@ def test_rerun_writes_nothing(checkpoint, digits_shards, tmp_path):
                          device="cpu", num_workers=0)  # fmt: skip
     first = infer(config)
     before = _files(out)
-    assert len(before) == 6  # predictions, features, rejects per shard
+    assert len(before) == 8  # predictions, features (keys + matrix), rejects per shard
     again = infer(config)
     assert _files(out) == before
     assert [s.skipped for s in again] == [True, True]

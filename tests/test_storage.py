@@ -28,12 +28,37 @@ def test_failed_write_publishes_nothing(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-def test_stale_temps_are_invisible_then_swept(tmp_path):
-    (tmp_path / ".x.tar.tmp-123").write_bytes(b"half")
+def test_stale_temps_are_invisible_then_swept_but_live_writers_keep_theirs(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = storage._HOST_TAG
+    (tmp_path / f".x.tar.tmp-{host}-{dead.pid}-abc").write_bytes(b"killed writer")
+    (tmp_path / f".z.tar.tmp-{host}-{os.getpid()}-abc").write_bytes(b"live writer: this one")
+    (tmp_path / ".w.tar.tmp-0123456789abcdef").write_bytes(b"older code, owner unknown")
     (tmp_path / "y.tar").write_bytes(b"done")
     assert storage.list_committed(str(tmp_path), ".tar") == [str(tmp_path / "y.tar")]
     assert storage.remove_stale_temps(str(tmp_path)) == 1
-    assert os.listdir(tmp_path) == ["y.tar"]
+    assert sorted(os.listdir(tmp_path))[-1] == "y.tar" and len(os.listdir(tmp_path)) == 3
+    old = time.time() - 2 * storage.STALE_TEMP_AGE_S
+    os.utime(tmp_path / ".w.tar.tmp-0123456789abcdef", (old, old))
+    assert storage.remove_stale_temps(str(tmp_path)) == 1
+    assert sorted(os.listdir(tmp_path)) == [f".z.tar.tmp-{host}-{os.getpid()}-abc", "y.tar"]
+
+
+def test_a_commit_sweeps_what_a_killed_writer_of_the_same_file_left(tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".a.bin.tmp-{storage._HOST_TAG}-{dead.pid}-abc"
+    stale.write_bytes(b"half")
+    storage.write_bytes_atomic(str(tmp_path / "a.bin"), b"whole")
+    assert os.listdir(tmp_path) == ["a.bin"]
 
 
 def test_object_store_commit_marker_is_written_last():

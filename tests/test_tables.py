@@ -37,7 +37,3 @@ def test_config_hash_is_stable_and_sensitive():
 def test_rows_that_do_not_fit_the_schema_are_an_error():
     with pytest.raises((pa.ArrowInvalid, pa.ArrowTypeError)):
         tables.from_rows([{"key": "k", "shard": "s", "width": "wide"}], tables.SHARD_INDEX)
-
-
-def test_features_schema_is_fixed_size():
-    assert tables.features_schema(4).field("embedding").type == pa.list_(pa.float32(), 4)

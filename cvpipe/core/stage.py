@@ -24,8 +24,10 @@ composes stages; this module knows nothing of Prefect.
 from __future__ import annotations
 
 import abc
+import contextlib
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -148,13 +150,19 @@ class Stage(abc.ABC, Generic[C, S]):
         return all(is_committed(u) for u in self.outputs(unit))
 
 
-def run_unit(stage: Stage[Any, S], unit: Unit) -> S:
+def run_unit(
+    stage: Stage[Any, S],
+    unit: Unit,
+    admit: Callable[[], AbstractContextManager[Any]] | None = None,
+) -> S:
     """The one skeleton: a committed unit is read back, any other is processed (after
-    the stage's once-per-process setup) and published."""
+    the stage's once-per-process setup) and published. ``admit`` guards the work of an
+    uncommitted unit (an orchestrator's GPU slot, say); reading back needs no slot."""
     if stage.committed(unit):
         return stage.read_back(unit)
-    stage.ensure_setup()
-    return stage.process(unit)
+    with admit() if admit is not None else contextlib.nullcontext():
+        stage.ensure_setup()
+        return stage.process(unit)
 
 
 def run_stage(stage: Stage[Any, S], units: Iterable[Unit] | None = None) -> list[S]:

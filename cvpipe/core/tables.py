@@ -57,16 +57,6 @@ PREDICTIONS = pa.schema(
 )
 
 
-def features_schema(dim: int) -> pa.Schema:
-    return pa.schema(
-        [
-            ("key", pa.string()),
-            ("shard", pa.string()),
-            ("embedding", pa.list_(pa.float32(), dim)),
-        ]
-    )
-
-
 SELECTION = pa.schema(
     [
         ("key", pa.string()),
@@ -332,6 +322,50 @@ def metrics_schema(metric_names: tuple[str, ...] | list[str]) -> pa.Schema:
         + [(name, pa.float64()) for name in metric_names]
         + [("images_per_s", pa.float64())]
     )
+
+
+# Features (cvpipe/data/features.py): the keys of one features file, row i <-> row i of
+# the float32 matrix in the .npy beside it; dim, dtype and rows in the schema metadata.
+FEATURES = pa.schema(
+    [
+        ("key", pa.string()),
+        ("shard", pa.string()),
+    ]
+)
+
+# Uniform's counting pass (cvpipe/label/anchor_stages.py): images per Nearest-3 sequence
+# of one features file, merged into the rule (UNIFORM_RULE).
+SEQUENCE_COUNTS = pa.schema(
+    [
+        ("sequence", pa.string()),  # anchor names joined with ">", closest first
+        ("count", pa.int64()),
+    ]
+)
+
+# Ingest hardening (cvpipe/data/plan.py, cvpipe/data/integrity.py).
+
+# What a folder walk did not list, and why (hidden, not an image suffix): one row per
+# file or folder, next to the partition's plan.
+SKIPPED_FILES = pa.schema(
+    [
+        ("path", pa.string()),  # relative to the source folder
+        ("reason", pa.string()),
+        ("detail", pa.string()),
+    ]
+)
+
+# One row per shard checked before a stage reads it: readable, complete, as ingested.
+SHARD_CHECKS = pa.schema(
+    [
+        ("shard", pa.string()),
+        ("url", pa.string()),
+        ("ok", pa.bool_()),
+        ("reason", pa.string()),  # "" when ok, else e.g. corrupt_tar, checksum_mismatch
+        ("detail", pa.string()),
+        ("samples", pa.int64()),  # samples read from the tar
+        ("expected", pa.int64()),  # rows of its ingest index (-1 when it has none)
+    ]
+)
 
 
 # Learning to transfer (cvpipe/label/p2l.py, cvpipe/learn/shallow.py,

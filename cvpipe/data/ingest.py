@@ -2,197 +2,58 @@
 
 1. A source is an image folder tree (class sub-folders give a known label) or a manifest
    file (Parquet, JSONL or CSV) with an ``image`` column (path relative to the manifest,
-   absolute path or fsspec URL) and optional ``caption``, ``hashtags``, ``label``,
-   ``boxes``.
-2. :func:`build_plan` lists the source once, in a deterministic order, gives every item
-   a stable key, and writes the plan as Parquet with one row group per shard. The plan
-   is the frozen view of the partition: a rerun reuses it, so it makes the same shards.
+   absolute path or fsspec/http URL) and optional ``caption``, ``hashtags``, ``label``,
+   ``boxes`` (:mod:`cvpipe.data.sources`).
+2. :func:`prepare_plan` lists the source once, streamed, and publishes the plan, the
+   frozen view of the partition (:mod:`cvpipe.data.plan`).
 3. :func:`ingest_shard` is one work unit: it reads its row group, validates each image
-   from its header and trailer (no pixel decoding on the hot path), and publishes the
-   rejects table, the shard index table and, last, the tar. The tar is the commit: a
-   unit whose tar is committed is skipped.
+   with the reader's own rules and caps (header and structure, no pixel decoding on the
+   hot path; ``verify="decode"`` decodes too), and publishes the tar, the rejects table
+   and, last, the shard index, which carries the tar's checksum and sample counts. The
+   index is the commit: a unit whose index is committed is skipped, and an index is
+   never visible before its tar.
+
+Every plan row ends as exactly one sample in the tar or one reject row: for every shard
+samples in = written + rejected. Reads are bounded (size cap, regular files only,
+network reads with a timeout), so no row can hang or exhaust a worker.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
-import json
 import os
-import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, BinaryIO
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
-from cvpipe.core import tables
+from cvpipe.core import storage, tables
 from cvpipe.core.stage import Resources, Stage, Unit, run_stage
-from cvpipe.core.storage import is_committed, is_local, join, open_atomic, read_bytes, url_to_fs
 from cvpipe.data import images
-from cvpipe.data.config import IngestConfig
-from cvpipe.data.shards import ShardWriter, encode_meta, shard_id, shard_url, unit_url
-
-PLAN = pa.schema(
-    [
-        ("key", pa.string()),
-        ("image", pa.string()),  # URL or path of the source image
-        ("source", pa.string()),  # what a person recognizes: the relative path or the URL
-        ("label", pa.string()),
-        ("caption", pa.string()),
-        ("hashtags", pa.string()),  # JSON list of strings
-        ("boxes", pa.string()),  # JSON list of boxes
-        ("duplicate", pa.bool_()),  # a later row with a key seen before
-    ]
+from cvpipe.data.config import DEFAULT_FETCH_TIMEOUT_S, IngestConfig
+from cvpipe.data.plan import (  # noqa: F401  (the ingest API: plan helpers re-exported)
+    PLAN,
+    build_plan,
+    make_key,
+    plan_rows_count,
+    plan_shard_count,
+    plan_url,
+    prepare_plan,
+    read_plan_group,
+    write_plan,
 )
-OPTIONAL_COLUMNS = ("label", "caption", "hashtags", "boxes")
-MANIFEST_SUFFIXES = (".parquet", ".jsonl", ".json", ".csv")
-SOURCE_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-
-
-def make_key(partition: str, source: str) -> str:
-    """A stable key, unique across the corpus: a readable slug of the source path plus a
-    hash of (partition, source). Only ``[A-Za-z0-9_-]``, so WebDataset's rule that the
-    key ends at the first dot of the member name cannot split it."""
-    stem = source.rsplit(".", 1)[0] if "." in source.rsplit("/", 1)[-1] else source
-    slug = re.sub(r"[^A-Za-z0-9_-]+", "_", stem).strip("_")[-48:] or "img"
-    digest = hashlib.sha1(f"{partition}\0{source}".encode()).hexdigest()[:12]
-    return f"{slug}-{digest}"
-
-
-def plan_url(root: str, partition: str, name: str) -> str:
-    return join(root, "plans", partition, f"{name}.parquet")
-
-
-def _scan_folder(src: str) -> list[dict[str, Any]]:
-    fs, root = url_to_fs(src)
-    rows = []
-    for path in sorted(fs.find(root)):
-        rel = os.path.relpath(path, root) if is_local(fs) else path[len(root.rstrip("/")) + 1 :]
-        rel = rel.replace(os.sep, "/")
-        if any(part.startswith(".") for part in rel.split("/")):
-            continue
-        if not rel.lower().endswith(SOURCE_IMAGE_SUFFIXES):
-            continue
-        parts = rel.split("/")
-        label = parts[-2] if len(parts) >= 2 else None
-        url = path if is_local(fs) else fs.unstrip_protocol(path)
-        rows.append({"image": url, "source": rel, "label": label})
-    return rows
-
-
-def _read_manifest(src: str) -> list[dict[str, Any]]:
-    fs, path = url_to_fs(src)
-    lower = path.lower()
-    if lower.endswith(".parquet"):
-        table = pq.read_table(path, filesystem=fs)
-    elif lower.endswith((".jsonl", ".json")):
-        import pyarrow.json as pj
-
-        with fs.open(path, "rb") as f:
-            table = pj.read_json(f)
-    else:
-        import pyarrow.csv as pcsv
-
-        with fs.open(path, "rb") as f:
-            table = pcsv.read_csv(f)
-    if "image" not in table.column_names:
-        raise ValueError(f"manifest {src} has no 'image' column (columns: {table.column_names})")
-    base = src.rsplit("/", 1)[0] if "/" in src else "."
-    rows = []
-    for row in table.to_pylist():
-        image = row.get("image")
-        image = "" if image is None else str(image)
-        url = image if ("://" in image or os.path.isabs(image)) else join(base, image)
-        # CSV has no null: an empty cell means "not given".
-        fields = {k: (None if row.get(k) == "" else row.get(k)) for k in OPTIONAL_COLUMNS}
-        rows.append({"image": url, "source": image, **fields})
-    return rows
-
-
-def _json_or_none(value: Any) -> str | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        return value  # validated per row in the unit, where it can become a reject row
-    return json.dumps(value)
-
-
-def list_source(src: str) -> list[dict[str, Any]]:
-    """The items of a source, in a deterministic order."""
-    fs, path = url_to_fs(src)
-    if fs.isdir(path):
-        return _scan_folder(src)
-    if path.lower().endswith(MANIFEST_SUFFIXES):
-        return _read_manifest(src)
-    raise ValueError(
-        f"source {src} is neither a folder of images nor a manifest "
-        f"({', '.join(MANIFEST_SUFFIXES)})"
-    )
-
-
-def build_plan(src: str, partition: str, shard_size: int) -> pa.Table:
-    """The plan table for a source: one row per item, keys assigned, duplicates marked."""
-    if shard_size < 1:
-        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
-    rows = list_source(src)
-    seen: set[str] = set()
-    for row in rows:
-        row["key"] = make_key(partition, row["source"])
-        row["duplicate"] = row["key"] in seen
-        seen.add(row["key"])
-        row["label"] = None if row.get("label") is None else str(row["label"])
-        row["caption"] = None if row.get("caption") is None else str(row["caption"])
-        row["hashtags"] = _json_or_none(row.get("hashtags"))
-        row["boxes"] = _json_or_none(row.get("boxes"))
-    return pa.Table.from_pylist(rows, schema=PLAN)
-
-
-def write_plan(plan: pa.Table, url: str, shard_size: int, config: Any) -> None:
-    buf = io.BytesIO()
-    meta = {tables.LINEAGE_KEY: json.dumps(tables.lineage(config, shard_size=shard_size)).encode()}
-    pq.write_table(plan.replace_schema_metadata(meta), buf, row_group_size=shard_size)
-    with open_atomic(url) as f:
-        f.write(buf.getbuffer())
-
-
-def prepare_plan(
-    src: str, root: str, partition: str, name: str, shard_size: int, config: Any
-) -> tuple[str, int]:
-    """Build and publish the partition's plan, or reuse the one an earlier run of the
-    same config published. Returns (plan URL, number of shards).
-
-    A partition's plan is frozen: ingesting it again with another source, name or shard
-    size would make different shards under the same names, so that is an error.
-    """
-    url = plan_url(root, partition, name)
-    want = tables.config_hash(config)
-    if is_committed(url):
-        have = tables.read_lineage(url).get("config_hash")
-        if have != want:
-            raise ValueError(
-                f"partition {partition!r} of {root} was ingested as {name!r} with another "
-                f"config (hash {have}, now {want}): ingest into a new partition or root"
-            )
-        return url, plan_shard_count(url)
-    plan = build_plan(src, partition, shard_size)
-    if plan.num_rows == 0:
-        raise ValueError(f"source {src} holds no images")
-    write_plan(plan, url, shard_size, config)
-    return url, plan_shard_count(url)
-
-
-def plan_shard_count(url: str) -> int:
-    fs, path = url_to_fs(url)
-    return pq.ParquetFile(path, filesystem=fs).num_row_groups
-
-
-def read_plan_group(url: str, index: int) -> pa.Table:
-    fs, path = url_to_fs(url)
-    return pq.ParquetFile(path, filesystem=fs).read_row_group(index)
-
+from cvpipe.data.shards import (
+    DEFAULT_MAX_MEMBER_BYTES,
+    NOT_SAMPLE_REASONS,
+    ShardWriter,
+    encode_meta,
+    finite,
+    loads_json,
+    shard_id,
+    shard_url,
+    unit_url,
+)
+from cvpipe.data.sources import MANIFEST_SUFFIXES, OPTIONAL_COLUMNS  # noqa: F401
 
 # ------------------------------------------------------------------------- one unit
 
@@ -219,10 +80,17 @@ class ShardStats:
 def _parse_list(value: str | None, what: str) -> list | None:
     if value is None:
         return None
-    parsed = json.loads(value)
+    parsed = loads_json(value)
     if not isinstance(parsed, list):
         raise ValueError(f"{what} must be a JSON list")
     return parsed
+
+
+def _check_hashtags(tags: list) -> list:
+    bad = next((t for t in tags if not isinstance(t, str)), None)
+    if bad is not None:
+        raise ValueError(f"hashtag {bad!r} is not a string")
+    return tags
 
 
 def _check_boxes(boxes: list) -> list:
@@ -231,35 +99,84 @@ def _check_boxes(boxes: list) -> list:
         if (
             not isinstance(coords, list)
             or len(coords) != 4
-            or not all(isinstance(c, (int, float)) for c in coords)
+            or not all(finite(c) for c in coords)
             or coords[2] < coords[0]
             or coords[3] < coords[1]
         ):
-            raise ValueError(f"bad box {b!r}: want [x1, y1, x2, y2] with x2>=x1, y2>=y1")
+            raise ValueError(f"bad box {b!r}: want finite [x1, y1, x2, y2] with x2>=x1, y2>=y1")
     return boxes
 
 
-def _prepare(row: dict[str, Any], max_pixels: int) -> tuple[str, bytes, dict[str, Any]]:
+def _read_image(row: dict[str, Any], max_bytes: int, timeout: float) -> bytes:
+    """The image's bytes, bounded, or a RejectedImage that says why not."""
+    raw = row.get("image_raw")  # the real bytes of a local path that is not UTF-8
+    path = row["image"] if raw is None else os.fsdecode(raw)
+    try:
+        return storage.read_bytes(path, max_bytes, timeout)
+    except FileNotFoundError:
+        raise images.RejectedImage("missing_file", f"{row['image']} does not exist") from None
+    except storage.NotRegularFile as e:
+        raise images.RejectedImage("not_a_regular_file", str(e)) from None
+    except IsADirectoryError:
+        raise images.RejectedImage("not_a_regular_file", f"{row['image']} is a folder") from None
+    except storage.FileTooLarge as e:
+        raise images.RejectedImage("file_too_large", str(e)) from None
+    except storage.FetchTimeout as e:
+        raise images.RejectedImage("fetch_timeout", str(e)) from None
+    except storage.FetchFailed as e:
+        raise images.RejectedImage("fetch_failed", str(e)) from None
+    except (OSError, ValueError) as e:  # permissions, I/O errors, a bad URL
+        raise images.RejectedImage("unreadable_file", f"{type(e).__name__}: {e}") from None
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The bounds and checks of one ingest unit (from its config)."""
+
+    max_pixels: int = images.DEFAULT_MAX_PIXELS
+    max_bytes: int = DEFAULT_MAX_MEMBER_BYTES  # = the reader's member cap
+    fetch_timeout_s: float = DEFAULT_FETCH_TIMEOUT_S
+    verify: str = "header"  # "header" | "decode"
+
+    @classmethod
+    def of(cls, config: Any) -> Limits:
+        if config is None:
+            return cls()
+        return cls(
+            max_pixels=config.max_pixels,
+            max_bytes=config.max_member_bytes,
+            fetch_timeout_s=config.fetch_timeout_s,
+            verify=config.verify,
+        )
+
+
+def _prepare(row: dict[str, Any], limits: Limits) -> tuple[str, bytes, dict[str, Any]]:
     """Validate one plan row; returns (extension, bytes, metadata) or raises RejectedImage."""
+    if row.get("error_reason"):
+        raise images.RejectedImage(row["error_reason"], row.get("error_detail") or "")
     if row["duplicate"]:
         raise images.RejectedImage("duplicate_key", f"{row['source']} is listed more than once")
     try:
         hashtags = _parse_list(row["hashtags"], "hashtags")
+        if hashtags is not None:
+            hashtags = _check_hashtags(hashtags)
         boxes = _parse_list(row["boxes"], "boxes")
         if boxes is not None:
             boxes = _check_boxes(boxes)
     except (ValueError, TypeError, AttributeError) as e:
         raise images.RejectedImage("bad_metadata", str(e)) from None
-    try:
-        data = read_bytes(row["image"])
-    except FileNotFoundError:
-        raise images.RejectedImage("missing_file", f"{row['image']} does not exist") from None
-    except (OSError, ValueError) as e:
-        raise images.RejectedImage("unreadable_file", f"{type(e).__name__}: {e}") from None
-    header = images.inspect(data, max_pixels)
+    data = _read_image(row, limits.max_bytes, limits.fetch_timeout_s)
+    header = images.inspect(data, limits.max_pixels)
     ext = images.SHARD_EXTENSION.get(header.format)
-    if ext is None:  # BMP, GIF, TIFF...: shards carry only jpg/png/webp
-        data, ext = images.reencode_png(data, max_pixels), "png"
+    notes: list[str] = []
+    if ext is None:  # BMP, GIF, TIFF, AVIF...: shards carry only jpg/png/webp
+        data, ext = images.reencode_png(data, limits.max_pixels, notes), "png"
+        if len(data) > limits.max_bytes:
+            raise images.RejectedImage(
+                "file_too_large", f"as PNG {len(data)} bytes > cap {limits.max_bytes}"
+            )
+    elif limits.verify == "decode":
+        images.decode(data, limits.max_pixels)
     meta = {
         "source": row["source"],
         "width": header.width,
@@ -268,8 +185,23 @@ def _prepare(row: dict[str, Any], max_pixels: int) -> tuple[str, bytes, dict[str
         "caption": row["caption"],
         "hashtags": hashtags,
         "boxes": boxes,
+        "note": "; ".join(notes) or None,
+        # The real bytes of a source path that is not UTF-8 (``source`` is escaped).
+        "source_hex": row["source_raw"].hex() if row.get("source_raw") else None,
     }
     return ext, data, meta
+
+
+class _Hashing:
+    """A write-only file that hashes and counts what passes through it."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self._f, self.sha256, self.size = f, hashlib.sha256(), 0
+
+    def write(self, data: bytes) -> int:
+        self.sha256.update(data)
+        self.size += len(data)
+        return self._f.write(data)
 
 
 def ingest_shard(
@@ -279,34 +211,36 @@ def ingest_shard(
     index: int,
     plan: str,
     config: Any = None,
-    max_pixels: int = images.DEFAULT_MAX_PIXELS,
+    max_pixels: int | None = None,
 ) -> ShardStats:
     """Write shard ``index`` of a partition from its plan row group (the work of one
     :class:`IngestStage` unit; it overwrites, the stage skips committed shards)."""
+    limits = Limits.of(config)
+    if max_pixels is not None:
+        limits = Limits(max_pixels, limits.max_bytes, limits.fetch_timeout_s, limits.verify)
     tar_url = shard_url(root, partition, name, index)
     sid = shard_id(tar_url)
-    index_url = unit_url(root, "index", sid)
-    rejects_url = unit_url(root, "rejects/ingest", sid)
     stats = ShardStats(sid)
     index_rows: list[dict[str, Any]] = []
     reject_rows: list[dict[str, Any]] = []
+
+    def reject(key: str, reason: str, detail: str) -> None:
+        stats.rejects[reason] += 1
+        reject_rows.append(
+            {"key": key, "shard": sid, "stage": "ingest", "reason": reason, "detail": detail}
+        )
 
     def samples():
         for row in read_plan_group(plan, index).to_pylist():
             stats.samples += 1
             try:
-                ext, data, meta = _prepare(row, max_pixels)
+                ext, data, meta = _prepare(row, limits)
+                members = {ext: data, "json": encode_meta(meta)}
             except images.RejectedImage as e:
-                stats.rejects[e.reason] += 1
-                reject_rows.append(
-                    {
-                        "key": row["key"],
-                        "shard": sid,
-                        "stage": "ingest",
-                        "reason": e.reason,
-                        "detail": e.detail,
-                    }
-                )
+                reject(row["key"], e.reason, e.detail)
+                continue
+            except Exception as e:  # one bad row costs one reject row, never the unit
+                reject(row["key"], "unexpected_error", f"{type(e).__name__}: {e}")
                 continue
             stats.written += 1
             index_rows.append(
@@ -319,33 +253,41 @@ def ingest_shard(
                     "caption": meta["caption"],
                 }
             )
-            yield row["key"], {ext: data, "json": encode_meta(meta)}
+            yield row["key"], members
 
-    # The tar streams to a hidden temp name (or an unfinished upload) while it fills;
-    # the tables need the whole shard, so they are published after it is closed but
-    # before the commit (the rename, or the marker).
-    lineage = tables.lineage(config, stage="ingest", partition=partition)
-    with open_atomic(tar_url) as f:
-        writer = ShardWriter(f)
+    # The tar is committed first, then the rejects, then the index (the unit's commit),
+    # which records the tar's checksum: an index is never visible for a missing tar.
+    with storage.open_atomic(tar_url) as f:
+        out = _Hashing(f)
+        writer = ShardWriter(out)  # type: ignore[arg-type]
         for key, members in samples():
             writer.add(key, members)
         writer.close()
-        tables.write_parquet(tables.from_rows(reject_rows, tables.REJECTS), rejects_url, lineage)
-        tables.write_parquet(tables.from_rows(index_rows, tables.SHARD_INDEX), index_url, lineage)
+    lineage = tables.lineage(config, stage="ingest", partition=partition)
+    rejects_url = unit_url(root, "rejects/ingest", sid)
+    tables.write_parquet(tables.from_rows(reject_rows, tables.REJECTS), rejects_url, lineage)
+    shard_facts = {
+        "tar_sha256": out.sha256.hexdigest(),
+        "tar_bytes": out.size,
+        "samples_in": stats.samples,
+        "written": stats.written,
+        "rejected": len(reject_rows),
+    }
+    tables.write_parquet(
+        tables.from_rows(index_rows, tables.SHARD_INDEX),
+        unit_url(root, "index", sid),
+        {**lineage, **shard_facts},
+    )
     return stats
 
 
 def committed_stats(root: str, sid: str) -> ShardStats:
     """Stats of a unit an earlier run committed, read back from its tables."""
-    index = tables.read_parquet(unit_url(root, "index", sid), columns=["key"])
+    written = tables.num_rows(unit_url(root, "index", sid))
     rejects = tables.read_parquet(unit_url(root, "rejects/ingest", sid), columns=["reason"])
     counts = Counter(rejects.column("reason").to_pylist())
     return ShardStats(
-        sid,
-        samples=index.num_rows + rejects.num_rows,
-        written=index.num_rows,
-        rejects=counts,
-        skipped=True,
+        sid, samples=written + rejects.num_rows, written=written, rejects=counts, skipped=True
     )
 
 
@@ -365,13 +307,19 @@ def shard_summary(stats: Sequence[Any]) -> dict[str, int]:
 
 
 def reject_summary(stats: Sequence[Any]) -> dict[str, Any]:
-    """Rejects of a stage, in total and by reason, from per-shard ``.rejects`` counts."""
+    """Rejected samples of a stage, in total and by reason, from per-shard ``.rejects``
+    counts; rows about members rather than samples (``ignored_member``: a pickle or an
+    unknown member beside a good image) are counted apart, so samples in = written +
+    rejected holds."""
     by_reason: Counter = Counter()
     for s in stats:
         by_reason.update(s.rejects)
+    ignored = {r: n for r, n in by_reason.items() if r in NOT_SAMPLE_REASONS}
+    samples = {r: n for r, n in by_reason.items() if r not in NOT_SAMPLE_REASONS}
     return {
-        "rejected": sum(by_reason.values()),
-        "rejects_by_reason": dict(sorted(by_reason.items())),
+        "rejected": sum(samples.values()),
+        "rejects_by_reason": dict(sorted(samples.items())),
+        "ignored_members": sum(ignored.values()),
     }
 
 
@@ -385,6 +333,9 @@ class IngestStage(Stage[IngestConfig, ShardStats]):
 
     name = "ingest"
     resources = Resources(cpus=1)
+    # Every read of a unit is bounded (fetch timeout, size cap); this bounds the unit, so
+    # a stuck one fails and is retried instead of holding a worker.
+    timeout_s = 3600.0
 
     def plan(self) -> str:
         c = self.config
@@ -404,15 +355,14 @@ class IngestStage(Stage[IngestConfig, ShardStats]):
     def outputs(self, unit: Unit) -> list[str]:
         c, sid = self.config, self._sid(unit)
         return [
-            unit_url(c.root, "rejects/ingest", sid),
-            unit_url(c.root, "index", sid),
             shard_url(c.root, c.partition, c.name, unit.index),
+            unit_url(c.root, "rejects/ingest", sid),
+            unit_url(c.root, "index", sid),  # the commit: published last
         ]
 
     def process(self, unit: Unit) -> ShardStats:
         c = self.config
-        return ingest_shard(c.root, c.partition, c.name, unit.index, unit.inputs[0], c,
-                            c.max_pixels)  # fmt: skip
+        return ingest_shard(c.root, c.partition, c.name, unit.index, unit.inputs[0], c)
 
     def read_back(self, unit: Unit) -> ShardStats:
         return committed_stats(self.config.root, self._sid(unit))

@@ -10,24 +10,90 @@ module, ``.txt``/``.cls`` as UTF-8; every other member (``.pyd``, ``.pickle``, `
 ``.pth``, ``.npy``, ...) is skipped unread and reported. Bad samples come out of the
 stream as :class:`Reject` values instead of exceptions, so one corrupt image never stops
 a shard and nothing is dropped silently.
+
+Accounting: every sample of a shard comes out exactly once, as a Sample or a Reject.
+``ignored_member`` rows (:data:`NOT_SAMPLE_REASONS`) report members, not samples, and
+are counted apart. When a shard breaks (or is gone), the samples its ingest index lists
+and the stream did not reach each come out as a reject, so a lost shard is counted.
+Keys are valid UTF-8: a member name in raw bytes is escaped (``\xe9``).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import posixpath
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
+import numpy as np
 from PIL import Image
 
-from cvpipe.core.storage import join, open_atomic, url_to_fs
+from cvpipe.core.storage import is_committed, join, open_atomic, url_to_fs
 from cvpipe.data import images, tario
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # in order of preference within a sample
 TEXT_EXTS = ("txt", "cls")
 DEFAULT_MAX_MEMBER_BYTES = 256 * 1024 * 1024
+# Reject reasons that describe a member, not a sample: not counted as rejected samples.
+NOT_SAMPLE_REASONS = frozenset({"ignored_member"})
+MAX_JSON_DEPTH = 64  # metadata nests a few levels; 10^5 levels once ended in RecursionError
+
+
+def safe_text(text: str) -> str:
+    """``text`` as valid UTF-8: bytes that were not UTF-8 (surrogate escapes, from a file
+    or member name) become ``\\xNN``."""
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        raw = text.encode("utf-8", "surrogateescape")
+        return raw.decode("utf-8", "backslashreplace")
+
+
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+
+
+def json_depth(data: bytes) -> int:
+    """How deep brackets nest in JSON text (strings skipped), at C speed: checked before
+    json.loads, whose recursion 10^5 levels deep is a RecursionError."""
+    a = np.frombuffer(_JSON_STRING.sub(b'""', data), dtype=np.uint8)
+    step = np.isin(a, (0x5B, 0x7B)).astype(np.int32) - np.isin(a, (0x5D, 0x7D))
+    return int(np.cumsum(step).max(initial=0))
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON (only finite numbers are)")
+
+
+def loads_json(data: bytes | str, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """Strict JSON: UTF-8, finite numbers only (no NaN/Infinity), nested at most
+    ``max_depth`` levels. Raises ValueError with the reason."""
+    raw = data if isinstance(data, bytes) else data.encode("utf-8", "surrogatepass")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"not UTF-8: {e}") from None
+    if raw.count(b"[") + raw.count(b"{") > max_depth and json_depth(raw) > max_depth:
+        raise ValueError(f"nested deeper than {max_depth} levels")
+    try:
+        return json.loads(text, parse_constant=_no_constant)
+    except RecursionError:
+        raise ValueError(f"nested deeper than {max_depth} levels") from None
+
+
+def dumps_json(value: Any) -> str:
+    """Canonical, standard JSON (sorted keys; NaN or Infinity is a ValueError)."""
+    return json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"),
+                      allow_nan=False)  # fmt: skip
+
+
+def finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def shard_url(root: str, partition: str, name: str, index: int) -> str:
@@ -106,9 +172,10 @@ class ShardWriter:
 
 
 def encode_meta(meta: dict[str, Any]) -> bytes:
-    """Canonical JSON for a sample's metadata (sorted keys, no None values)."""
+    """Canonical JSON for a sample's metadata (sorted keys, no None values, standard
+    JSON only: NaN or Infinity is a ValueError, never a non-standard token)."""
     clean = {k: v for k, v in meta.items() if v is not None}
-    return json.dumps(clean, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode()
+    return dumps_json(clean).encode()
 
 
 def write_shard(url: str, samples: Iterable[tuple[str, dict[str, bytes]]]) -> int:
@@ -164,7 +231,9 @@ def iter_shard(
     not make the sample itself a reject. A sample with no image member is rejected
     (``no_image``), as are duplicate keys, duplicate members, unsafe member names,
     malformed json and undecodable images. A tar that breaks mid-stream rejects the
-    sample being read (``corrupt_tar``) and ends the stream.
+    sample being read (``corrupt_tar``) and every later sample its ingest index lists;
+    a shard that is gone is ``missing_shard`` for each indexed sample. Other I/O errors
+    (a network failure) raise: a retry of the unit may succeed.
     """
     sid = shard_id(url)
     seen: set[str] = set()
@@ -185,8 +254,8 @@ def iter_shard(
         meta: dict[str, Any] = {}
         if "json" in group.members:
             try:
-                meta = json.loads(group.members["json"].decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                meta = loads_json(group.members["json"])
+            except ValueError as e:
                 return reject(group.key, "bad_metadata", f"json member: {e}")
             if not isinstance(meta, dict):
                 return reject(group.key, "bad_metadata", "json member is not an object")
@@ -206,42 +275,81 @@ def iter_shard(
 
     fs, path = url_to_fs(url)
     group: _Group | None = None
-    with fs.open(path, "rb") as f:
-        try:
-            for info, data in tario.iter_members(f):
-                if info.kind == "dir":
-                    continue
-                key, ext = _split_member(info.name)
-                if group is None or key != group.key:
-                    if group is not None:
-                        yield finish(group)
-                    group = _Group(key)
-                why = _unsafe_name(info.name)
-                if why:
-                    group.problem = ("unsafe_member", f"{info.name!r}: {why}")
-                    continue
-                if info.kind != "file":
-                    group.problem = ("unsafe_member", f"{info.name!r} is a link or device")
-                    continue
-                if ext not in IMAGE_EXTS and ext not in TEXT_EXTS and ext != "json":
-                    # Never read, never decoded: pickles, torch files, numpy, unknown.
-                    yield reject(key, "ignored_member", f"member {info.name!r} not decoded")
-                    continue
-                if ext in group.members:
-                    group.problem = ("duplicate_member", f"member {info.name!r} appears twice")
-                    continue
-                if info.size > max_member_bytes:
-                    group.problem = (
-                        "member_too_large",
-                        f"{info.name!r} is {info.size} bytes > {max_member_bytes}",
-                    )
-                    continue
-                group.members[ext] = tario.read_data(info, data)
-        except (tario.CorruptTar, OSError) as e:
-            yield reject(group.key if group else "", "corrupt_tar", str(e))
-            return
-    if group is not None:
-        yield finish(group)
+    broken: tuple[str, str] | None = None
+    try:
+        f = fs.open(path, "rb")
+    except FileNotFoundError as e:
+        broken = ("missing_shard", f"{url} cannot be opened: {e}")
+    else:
+        with f:
+            try:
+                for info, data in tario.iter_members(f):
+                    if info.kind == "dir":
+                        continue
+                    key, ext = _split_member(info.name)
+                    key = safe_text(key)
+                    name = safe_text(info.name)
+                    if group is None or key != group.key:
+                        if group is not None:
+                            yield finish(group)
+                        group = _Group(key)
+                    why = _unsafe_name(info.name)
+                    if why:
+                        group.problem = ("unsafe_member", f"{name!r}: {why}")
+                        continue
+                    if info.kind != "file":
+                        group.problem = ("unsafe_member", f"{name!r} is a link or device")
+                        continue
+                    if ext not in IMAGE_EXTS and ext not in TEXT_EXTS and ext != "json":
+                        # Never read, never decoded: pickles, torch files, numpy, unknown.
+                        yield reject(key, "ignored_member", f"member {name!r} not decoded")
+                        continue
+                    if ext in group.members:
+                        group.problem = ("duplicate_member", f"member {name!r} appears twice")
+                        continue
+                    if info.size > max_member_bytes:
+                        group.problem = (
+                            "member_too_large",
+                            f"{name!r} is {info.size} bytes > {max_member_bytes}",
+                        )
+                        continue
+                    group.members[ext] = tario.read_data(info, data)
+            except tario.CorruptTar as e:
+                broken = ("corrupt_tar", str(e))
+    if broken is None:
+        if group is not None:
+            yield finish(group)
+        return
+    # The sample being read, then every sample the ingest index lists that the stream
+    # never reached: each is a reject, so samples in = written + rejected still holds.
+    reason, detail = broken
+    if group is not None and group.key not in seen:
+        seen.add(group.key)
+        yield reject(group.key, reason, detail)
+    lost = indexed_keys(url)
+    if lost is None:
+        if group is None:
+            yield reject("", reason, f"{detail} (no ingest index: samples lost unknown)")
+        return
+    for key in lost:
+        if key not in seen:
+            seen.add(key)
+            yield reject(key, reason, f"{detail} (sample not reached)")
+
+
+def indexed_keys(url: str) -> list[str] | None:
+    """The keys the ingest index of shard ``url`` lists (``{root}/index/...``), or None
+    for a shard without a committed index."""
+    import pyarrow.parquet as pq
+
+    root = ingest_root(url)
+    if root is None:
+        return None
+    index = unit_url(root, "index", shard_id(url))
+    if not is_committed(index):
+        return None
+    fs, path = url_to_fs(index)
+    return pq.read_table(path, filesystem=fs, columns=["key"]).column("key").to_pylist()
 
 
 def read_shard_samples(url: str, **kwargs: Any) -> tuple[list[Sample], list[Reject]]:

@@ -85,16 +85,38 @@ def _read_exact(f: BinaryIO, n: int) -> bytes:
     return data
 
 
+MAX_META_BYTES = 1 << 20  # a pax or GNU long-name header's data; real ones are tiny
+
+
 def _parse_pax(data: bytes) -> dict[str, str]:
-    out, pos = {}, 0
-    while pos < len(data):
-        space = data.index(b" ", pos)
-        length = int(data[pos:space])
-        record = data[space + 1 : pos + length - 1]  # drop the trailing newline
-        key, _, value = record.partition(b"=")
-        out[key.decode("utf-8")] = value.decode("utf-8", "surrogateescape")
-        pos += length
+    """Records ``"%d %s=%s\n"`` (length counts the whole record). Anything else is a
+    :class:`CorruptTar`: a length of 0 or less once looped here forever."""
+    out, pos, n = {}, 0, len(data)
+    while pos < n:
+        if data[pos] == 0:  # some writers pad the record block with NULs
+            if data[pos:].strip(b"\0"):
+                raise CorruptTar(f"pax header: data after NUL padding at byte {pos}")
+            break
+        space = data.find(b" ", pos, min(n, pos + 21))
+        digits = data[pos:space] if space > 0 else b""
+        if not digits.isdigit():
+            raise CorruptTar(f"pax header: bad record length at byte {pos}")
+        length = int(digits)
+        end = pos + length
+        if length <= len(digits) + 1 or end > n or data[end - 1 : end] != b"\n":
+            raise CorruptTar(f"pax header: record length {length} at byte {pos} is invalid")
+        key, eq, value = data[space + 1 : end - 1].partition(b"=")
+        if not eq or not key:
+            raise CorruptTar(f"pax header: record at byte {pos} has no key=value")
+        out[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
+        pos = end
     return out
+
+
+def _pax_size(value: str) -> int:
+    if not value.isascii() or not value.isdigit():
+        raise CorruptTar(f"pax header: size {value!r} is not a number")
+    return int(value)
 
 
 def iter_members(f: BinaryIO) -> Iterator[tuple[Member, BinaryIO]]:
@@ -119,12 +141,11 @@ def iter_members(f: BinaryIO) -> Iterator[tuple[Member, BinaryIO]]:
             raise CorruptTar(f"negative member size {size}")
         padded = size + (-size % BLOCK)
         if kind in (_PAX, _GNU_LONGNAME, _GNU_LONGLINK, _PAX_GLOBAL):
+            if size > MAX_META_BYTES:
+                raise CorruptTar(f"extended header of {size} bytes > {MAX_META_BYTES}")
             data = _read_exact(f, padded)[:size]
             if kind == _PAX:
-                try:
-                    pax = _parse_pax(data)
-                except (ValueError, UnicodeDecodeError) as e:
-                    raise CorruptTar(f"bad pax header: {e}") from None
+                pax = _parse_pax(data)
             elif kind == _GNU_LONGNAME:
                 long_name = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
             continue
@@ -135,7 +156,7 @@ def iter_members(f: BinaryIO) -> Iterator[tuple[Member, BinaryIO]]:
                 name = prefix + b"/" + name
         member_name = pax.get("path") or long_name or name.decode("utf-8", "surrogateescape")
         if "size" in pax:
-            size = int(pax["size"])
+            size = _pax_size(pax["size"])
             padded = size + (-size % BLOCK)
         pax, long_name = {}, None
         kind_name = "file" if kind in _REGULAR else "dir" if kind == _DIRECTORY else "other"

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from cvpipe.core.config import Strict, runtime
+from cvpipe.label.anchor_labels import method_tag
 from cvpipe.learn.config import TrainConfig
 
 
@@ -83,8 +84,8 @@ class LabelMethod(Strict):
 
     @property
     def tag(self) -> str:
-        name = f"{self.method}-{self.n}" if self.method == "nearest" else self.method
-        return name if self.ordered else f"{name}-unordered"
+        """The method column of its labels (``nearest-2``, ``cfa``, ...): one definition."""
+        return method_tag(self.method, self.n, self.ordered)
 
 
 class TransferTarget(Strict):

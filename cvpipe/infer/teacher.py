@@ -8,7 +8,7 @@ results that is published when the worker signals the end of that shard. Per inp
 shard:
 
 - ``OUT/predictions/<partition>/<stem>.parquet`` (:data:`tables.PREDICTIONS`), the commit;
-- ``OUT/features/<partition>/<stem>.parquet`` (:func:`tables.features_schema`) when asked;
+- ``OUT/features/<partition>/<stem>.{npy,parquet}`` (:mod:`cvpipe.data.features`) when asked;
 - ``OUT/rejects/infer/<partition>/<stem>.parquet`` (:data:`tables.REJECTS`).
 
 A shard whose outputs are all committed is skipped (its stats are read back). The
@@ -36,6 +36,7 @@ import torch
 from cvpipe.core import tables
 from cvpipe.core.storage import is_committed, url_to_fs
 from cvpipe.data import images
+from cvpipe.data.features import write_features
 from cvpipe.data.ingest import reject_summary, shard_summary
 from cvpipe.data.shards import Reject, shard_id, unit_url
 from cvpipe.infer.batches import STAGE, InferenceDataset
@@ -379,10 +380,7 @@ class Teacher:
                 if buf.keys
                 else np.empty((0, dim), np.float32)
             )
-            schema = tables.features_schema(dim)
-            emb_col = pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), dim)
-            table = pa.Table.from_arrays([key_col, shard_col, emb_col], schema=schema)
-            tables.write_parquet(table, features_url(out, sid), lineage)
+            write_features(features_url(out, sid), key_col, shard_col, emb, lineage)
         table = pa.Table.from_arrays(
             [
                 key_col,

@@ -5,11 +5,11 @@ on the validation split, per-class subsets, reruns skip."""
 from __future__ import annotations
 
 import numpy as np
-import pyarrow as pa
 import pytest
 
 from cvpipe.core import tables
 from cvpipe.core.stage import PermanentError, run_stage
+from cvpipe.data import features
 from cvpipe.data.shards import unit_url
 from cvpipe.learn import shallow
 from cvpipe.learn.config import ShallowConfig
@@ -20,18 +20,10 @@ def write_split(root, partition, x, labels, hide=()):
     shard, under ``root``; keys in ``hide`` get no label in the index."""
     keys = [f"{partition}-{i:05d}" for i in range(len(x))]
     sid = f"{partition}/digits-000000"
-    feats = pa.table(
-        {
-            "key": keys,
-            "shard": [sid] * len(keys),
-            "embedding": pa.FixedSizeListArray.from_arrays(
-                pa.array(np.asarray(x, np.float32).ravel()), x.shape[1]
-            ),
-        },
-        schema=tables.features_schema(x.shape[1]),
-    )
     f_url = unit_url(str(root / "features"), "features", sid)
-    tables.write_parquet(feats, f_url, tables.lineage(None, model_id="ref"))
+    features.write_features(
+        f_url, keys, sid, np.asarray(x, np.float32), tables.lineage(None, model_id="ref")
+    )
     index = tables.from_rows(
         [
             {

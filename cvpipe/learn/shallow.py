@@ -30,9 +30,10 @@ import numpy as np
 
 from cvpipe.core import tables
 from cvpipe.core.stage import PermanentError, Resources, Stage, Unit
-from cvpipe.core.storage import expand_specs, is_committed, join, read_bytes, write_bytes_atomic
+from cvpipe.core.storage import is_committed, join, read_bytes, write_bytes_atomic
+from cvpipe.data.features import features_urls, iter_features
 from cvpipe.data.shards import shard_id, unit_url
-from cvpipe.label.anchors import iter_features, key_hash
+from cvpipe.label.anchors import key_hash
 from cvpipe.learn.config import ShallowConfig
 
 MODELS = ("svm", "logistic")
@@ -82,7 +83,7 @@ def load_labeled(features: str | Sequence[str], truth: str) -> Labeled:
     ys: list[str] = []
     keys: list[str] = []
     unlabeled = 0
-    for url in expand_specs(features, ".parquet"):
+    for url in features_urls(features):
         labels = _truth(truth, url)
         for k, _, emb in iter_features(url):
             names = k.to_pylist()
@@ -226,7 +227,7 @@ def run(config: ShallowConfig, lineage: Mapping[str, Any] | None = None) -> dict
         "fit_seconds": seconds,
     }
     learner.save(head_url(c.out))
-    first = expand_specs(c.features, ".parquet")[0]
+    first = features_urls(c.features)[0]
     lin = tables.lineage(
         c,
         stage="shallow",

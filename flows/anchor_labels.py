@@ -30,7 +30,8 @@ from flows.anchors import anchors_build_flow, label_flow
 from flows.datasets import export_digits_flow
 from flows.ingest import ingest_flow
 from flows.teacher import infer_flow
-from tasks.artifacts import publish_markdown, publish_table
+from tasks.artifacts import publish_markdown, publish_table, run_name
+from tasks.progress import header
 from tasks.stage import run_units
 from tasks.training import evaluate, train
 
@@ -44,7 +45,7 @@ def _ingest_manifest(manifest: str, root: str, partition: str, shard_size: int) 
     return storage.list_committed(storage.join(root, "shards", partition), ".tar")
 
 
-@flow(name="prepare-digit-anchors", flow_run_name="digit anchors -> {root}")
+@flow(name="prepare-digit-anchors", flow_run_name=run_name("digit anchors -> {root}"))
 def digit_anchors_data_flow(root: str, spec: DigitsAnchors, seed: int) -> dict[str, Any]:
     """Anchor datasets (labeled digit groups), U (the unlabeled split) and targets (other
     groups: labeled images to train on, test images to score) as shards."""
@@ -127,10 +128,11 @@ def source_flow(
     return {"tag": method.tag, "source": source, "counts": counts, "top1": scored.top1}
 
 
-@flow(name="anchor-transfer", flow_run_name="anchor transfer -> {config.root}")
+@flow(name="anchor-transfer", flow_run_name=run_name("anchor transfer -> {config.root}"))
 def anchor_transfer_flow(config: AnchorTransferConfig) -> dict[str, Any]:
     """The whole experiment; returns the two tables as markdown."""
     root = config.root
+    header("anchor transfer: data")
     if config.digits is not None:
         data_root = storage.join(root, "data")
         data = digit_anchors_data_flow(data_root, config.digits, config.seed)
@@ -146,12 +148,14 @@ def anchor_transfer_flow(config: AnchorTransferConfig) -> dict[str, Any]:
                 for n, t in config.targets.items()
             },
         }
+    header("anchor transfer: reference model")
     reference = train(
         _seeded(config.reference, config.seed),
         [u for urls in data["anchors"].values() for u in urls],
         storage.join(root, "reference"),
     )
     anchors_url = storage.join(root, "anchors.parquet")
+    header("anchor transfer: anchors")
     anchors_build_flow(
         AnchorsConfig(
             sources={n: urls for n, urls in data["anchors"].items()},
@@ -164,6 +168,7 @@ def anchor_transfer_flow(config: AnchorTransferConfig) -> dict[str, Any]:
         )
     )
     u_infer = storage.join(root, "unlabeled_features")
+    header("anchor transfer: features of U")
     infer_flow(
         InferConfig(
             shards=data["unlabeled"],
@@ -177,12 +182,13 @@ def anchor_transfer_flow(config: AnchorTransferConfig) -> dict[str, Any]:
         )
     )
     features = storage.join(u_infer, "features")
-    sources = [
-        source_flow(config, m, features, anchors_url, data["unlabeled"], reference)
-        for m in config.methods
-    ]
+    sources = []
+    for i, m in enumerate(config.methods, 1):
+        header(f"anchor transfer: source {i}/{len(config.methods)}: {m.tag}")
+        sources.append(source_flow(config, m, features, anchors_url, data["unlabeled"], reference))
     rows = []
     for name, target in data["targets"].items():
+        header(f"anchor transfer: target {name}")
         starts = [(s["tag"], s["source"]) for s in sources]
         if config.scratch:
             starts.append(("scratch", None))
@@ -237,7 +243,18 @@ def _report(
         tables.read_parquet(pl["parquet"]).to_pylist(),
         "pseudo-label-datasets",
         "Pseudo-label datasets per method: labels, images per label, source top-1",
+        location=config.root,
     )
-    publish_markdown(tr_md, "transfer-table", "Top-1 of each source fine-tuned on each target")
-    publish_table(rows, "transfer-rows", "Transfer results, one row per (target, method)")
+    publish_markdown(
+        tr_md,
+        "transfer-table",
+        "Top-1 of each source fine-tuned on each target",
+        location=config.root,
+    )
+    publish_table(
+        rows,
+        "transfer-rows",
+        "Transfer results, one row per (target, method)",
+        location=config.root,
+    )
     return {"pseudo_labels": pl_md, "transfer": tr_md}

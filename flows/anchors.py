@@ -23,11 +23,11 @@ from cvpipe.label.anchor_stages import (
 )
 from cvpipe.label.config import AnchorsConfig, LabelConfig
 from flows.teacher import infer_flow
-from tasks.artifacts import publish_table
+from tasks.artifacts import publish_table, run_name
 from tasks.stage import run_units
 
 
-@flow(name="anchors-build", flow_run_name="anchors -> {config.out}")
+@flow(name="anchors-build", flow_run_name=run_name("anchors -> {config.out}"))
 def anchors_build_flow(config: AnchorsConfig) -> list[dict[str, Any]]:
     """Features of each named anchor dataset (teacher inference with --features), partial
     sums per features file, merged into the anchors table. Returns (anchor, count) rows."""
@@ -48,11 +48,15 @@ def anchors_build_flow(config: AnchorsConfig) -> list[dict[str, Any]]:
     run_units(AnchorSumsStage(config), what="anchor partial sums")
     (merged,) = run_units(AnchorMergeStage(config), what="anchor merge")
     rows = [{"anchor": n, "count": c} for n, c in merged.counts.items()]
-    publish_table(rows, "anchors", f"Anchors ({config.kind}) in `{config.out}`")
+    publish_table(
+        rows, "anchors", f"Anchors ({config.kind}) in `{config.out}`", location=config.out
+    )
     return rows
 
 
-@flow(name="label", flow_run_name="label {config.method} ({config.metric})")
+@flow(
+    name="label", flow_run_name=run_name("label {config.method} ({config.metric}) -> {config.out}")
+)
 def label_flow(config: LabelConfig) -> dict[str, Any]:
     """Pseudo-label every features file; Uniform first counts Nearest-3 sequences over
     the whole set (map + merge) and freezes its rule. Returns the label statistics."""
@@ -62,5 +66,7 @@ def label_flow(config: LabelConfig) -> dict[str, Any]:
     stage = LabelStage(config)
     stats = stage.summarize(run_units(stage, what=f"label {config.method}"))
     get_run_logger().info("labels: %s", stats)
-    publish_table([stats], f"labels-{config.method}", f"Anchor labels in `{config.out}`")
+    publish_table(
+        [stats], f"labels-{config.method}", f"Anchor labels in `{config.out}`", location=config.out
+    )
     return stats

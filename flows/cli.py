@@ -1,5 +1,9 @@
 """The ``cvpipe`` command line. Every command runs a Prefect flow, so every run shows in
-the Prefect UI (the local SQLite-backed API by default, or PREFECT_API_URL's server)."""
+the Prefect UI (the local SQLite-backed API by default, or PREFECT_API_URL's server).
+
+What a command prints and logs: flows/terminal.py. Before its flow, a command checks
+its inputs, checkpoints, device and outputs (flows/preflight.py); it ends with a table
+of what it wrote (flows/written.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ import inspect
 import json
 import os
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 # The embedded Prefect API would otherwise try to send telemetry off this machine.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -20,7 +24,10 @@ from cvpipe.data.config import IngestConfig
 from cvpipe.infer.config import InferConfig
 from cvpipe.label.config import AnchorsConfig, LabelConfig, MaterializeConfig, SelectConfig
 from cvpipe.learn.config import TrainConfig
+from flows import preflight, terminal, written
 from flows.cli_models import Spec, config_command
+from flows.cli_weak import register as register_weak
+from flows.cli_weak import run_weak_demo, run_weak_teacher
 
 app = typer.Typer(
     help="cvpipe: web-scale images in, labeled data and trained models out.",
@@ -33,29 +40,90 @@ anchors_app = typer.Typer(help="Named anchor datasets in a reference model's fea
 app.add_typer(anchors_app, name="anchors")
 
 
+_owns_api = False  # main() runs the local API for the command: start it after preflight
+
 RUNNER = typer.Option(
     "threads", "--runner", help="threads | dask | dask://HOST:PORT | ray | ray://HOST:PORT"
 )
 WORKERS = typer.Option(None, "--workers", help="parallel task runs (threads, dask or ray workers)")
 
 
-def fail(message: str) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code=1)
+@app.callback()
+def _terminal(
+    ctx: typer.Context,
+    quiet: bool = typer.Option(
+        False, "--quiet", "-q", help="no progress or log lines: warnings, errors, the summary"
+    ),
+    verbose: bool = typer.Option(
+        False, "--verbose", "-v", help="every log line (Prefect's too) and an error's traceback"
+    ),
+) -> None:
+    """cvpipe: web-scale images in, labeled data and trained models out."""
+    if quiet and verbose:
+        fail("--quiet and --verbose exclude each other", code=2)
+    terminal.start(ctx.invoked_subcommand, quiet=quiet, verbose=verbose)
+    if not _owns_api:  # in-process (tests); main() stops it after the local API is gone
+        ctx.call_on_close(terminal.stop)
+
+
+def fail(message: str, exc: BaseException | None = None, code: int = 1) -> NoReturn:
+    """One ``error:`` line (and the log file's path when ``exc`` is given); exits."""
+    terminal.fail(message, exc, code)
+
+
+def error_text(e: BaseException) -> str:
+    """An exception as the text of an error line."""
+    if isinstance(e, ValidationError):
+        parts = [(".".join(str(x) for x in err["loc"]), err["msg"]) for err in e.errors()]
+        return "; ".join(f"{where or 'config'}: {msg}" for where, msg in parts)
+    if isinstance(e, preflight.PreflightError):
+        return str(e)
+    if type(e) is RuntimeError and e.__cause__ is not None:  # a wrapper: its cause is the news
+        e = e.__cause__
+    return f"{type(e).__name__}: {e}"
 
 
 def run_flow(fn: Any, *args: Any, **kwargs: Any) -> Any:
-    """Run a flow; turn bad input into a one-line error instead of a traceback."""
+    """Run a flow; any failure is one ``error:`` line naming the log file that holds the
+    traceback (Prefect's own lines and tracebacks go to that file, not the terminal)."""
     from flows import local_api
 
     try:
         with local_api.api():
             return fn(*args, **kwargs)
-    except ValidationError as e:
+    except (typer.Exit, KeyboardInterrupt):
+        raise
+    except Exception as e:
+        fail(error_text(e), e)
+
+
+def check(checks: preflight.Checks) -> None:
+    """The preflight: seconds, before any flow; a bad value is one error line. Once it
+    passes, the command's local Prefect API starts in the background."""
+    try:
+        preflight.run(checks)
+    except preflight.PreflightError as e:
         fail(str(e))
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        cause = e.__cause__ if isinstance(e, RuntimeError) and e.__cause__ else e
-        fail(f"{type(cause).__name__}: {cause}")
+    except Exception as e:  # a check that broke: say which, keep the traceback
+        fail(f"checking the inputs: {type(e).__name__}: {e}", e)
+    if _owns_api:
+        from flows import local_api
+
+        local_api.start_early()
+
+
+def checked(spec: Spec, run: Any, own: dict[str, tuple[str, str]] | None = None) -> Any:
+    """``run(config, **values)`` after the preflight of the config's fields and of the
+    command's own flags (``own``: parameter -> (flag, kind))."""
+
+    def go(config: Any, **values: Any) -> Any:
+        checks = preflight.for_config(config, preflight.flags_of(spec))
+        for name, (flag, kind) in (own or {}).items():
+            checks.add(kind, flag, values.get(name))
+        check(checks)
+        return run(config, **values)
+
+    return go
 
 
 def print_table(rows: list[dict[str, Any]], title: str) -> None:
@@ -83,13 +151,20 @@ def datasets_digits(
     split: str = typer.Option(
         None, help="e.g. labeled=0.1,unlabeled=0.6,test=0.3 (stratified, seeded)"
     ),
-    seed: int = typer.Option(0, help="seed of the split"),
+    seed: int = typer.Option(0, help="seed of the split (and of the captions)"),
+    captions: bool = typer.Option(False, "--captions", help="also SYNTHETIC caption manifests"),
+    caption_q: float = typer.Option(0.6, "--caption-q", help="P(a caption names the digit)"),
 ) -> None:
     """scikit-learn's 1,797 real handwritten digits as an image-folder tree."""
     from flows.datasets import export_digits_flow
 
-    counts = run_flow(export_digits_flow, out, size=size, split=split, seed=seed)
+    check(preflight.Checks(outputs={"OUT": out}))
+    counts = run_flow(
+        export_digits_flow, out, size=size, split=split, seed=seed, captions=captions,
+        caption_q=caption_q,
+    )  # fmt: skip
     typer.echo(json.dumps(counts))
+    written.print_written(written.folder("digits", out))
 
 
 @datasets_app.command("photos")
@@ -102,7 +177,9 @@ def datasets_photos(
     """Random JPEG crops of the two real photographs scikit-learn ships."""
     from flows.datasets import export_photos_flow
 
+    check(preflight.Checks(outputs={"OUT": out}))
     typer.echo(run_flow(export_photos_flow, out, count=count, size=size, seed=seed))
+    written.print_written(written.folder("photos", out))
 
 
 def _ingest(config: Any, runner: str, workers: int | None) -> None:
@@ -111,17 +188,19 @@ def _ingest(config: Any, runner: str, workers: int | None) -> None:
 
     summary = run_flow(with_runner(ingest_flow, runner, workers), config)
     print_summary(summary, f"ingest {config.partition}")
+    written.print_written(written.ingest(config.root, config.partition, summary))
 
 
+_INGEST_SPEC = Spec(
+    IngestConfig,
+    positional={"source": "image folder tree or manifest (.parquet/.jsonl/.csv)"},
+    aliases={"root": ["--out", "--root"]},
+)
 config_command(
     app,
     "ingest",
-    Spec(
-        IngestConfig,
-        positional={"source": "image folder tree or manifest (.parquet/.jsonl/.csv)"},
-        aliases={"root": ["--out", "--root"]},
-    ),
-    _ingest,
+    _INGEST_SPEC,
+    checked(_INGEST_SPEC, _ingest),
     extra=[
         inspect.Parameter("runner", inspect.Parameter.KEYWORD_ONLY, default=RUNNER, annotation=str),
         inspect.Parameter(
@@ -135,16 +214,66 @@ config_command(
 
 @app.command()
 def backfill(
-    source_pattern: str = typer.Argument(..., help="source URL with {partition}, per day"),
-    out: str = typer.Option(..., "--out", help="output root"),
-    start: datetime.datetime = typer.Option(..., "--start", formats=["%Y-%m-%d"]),
-    end: datetime.datetime = typer.Option(..., "--end", formats=["%Y-%m-%d"]),
-    shard_size: int = typer.Option(10_000, "--shard-size"),
-    name: str = typer.Option("shard", "--name"),
+    source_pattern: str = typer.Argument(
+        None, help="ingest only: source URL with {partition}, per day"
+    ),
+    start: datetime.datetime = typer.Option(..., "--from", "--start", formats=["%Y-%m-%d"]),
+    end: datetime.datetime = typer.Option(..., "--to", "--end", formats=["%Y-%m-%d"]),
+    config: str = typer.Option(None, "--config", help="pipeline YAML: backfill the whole DAG"),
+    deployment: str = typer.Option(
+        None,
+        "--deployment",
+        help="FLOW/DEPLOYMENT: one flow run per partition through the "
+        "API of PREFECT_API_URL's server (e.g. pipeline-partition/pipeline-daily)",
+    ),
+    stages: str = typer.Option(None, "--stages", help="comma-separated pipeline stages"),
+    root: str = typer.Option(None, "--root", help="override the pipeline config's root"),
+    out: str = typer.Option(None, "--out", help="ingest only: output root"),
+    shard_size: int = typer.Option(10_000, "--shard-size", help="ingest only"),
+    name: str = typer.Option("shard", "--name", help="ingest only"),
 ) -> None:
-    """Ingest every daily partition from --start to --end (inclusive); skips done work."""
-    from flows.backfill import backfill_flow
+    """Process every daily partition from --from to --to (inclusive); done work is
+    skipped, so a half-done backfill is completed with nothing twice.
 
+    With --deployment: one flow run per partition, created through the API, named after
+    its partition and bounded by the deployment's concurrency limit. With --config only:
+    the pipeline runs here for each partition (the embedded default). With SOURCE_PATTERN
+    and --out: ingest only."""
+    wanted = [x.strip() for x in stages.split(",") if x.strip()] if stages else None
+    if deployment:
+        from flows.backfill import backfill_deployment
+        from flows.local_api import configured_api_url
+
+        if not configured_api_url():
+            fail("--deployment needs a Prefect server: set PREFECT_API_URL (see deployments/)")
+        extra = {k: v for k, v in {"config_url": config, "root": root}.items() if v}
+        rows = backfill_deployment(deployment, start.date(), end.date(), wanted, extra)
+        print_table(rows, f"backfill {deployment}")
+        return
+    if config:
+        from flows.backfill import backfill_pipeline_flow
+
+        results = run_flow(backfill_pipeline_flow, config, start.date(), end.date(), wanted, root)
+        print_table([{"partition": d, "report": r["report"]} for d, r in results.items()],
+                    "backfill")  # fmt: skip
+        return
+    if not (source_pattern and out):
+        fail("give --deployment, --config PIPELINE.yaml, or SOURCE_PATTERN with --out")
+    from flows.backfill import backfill_flow, date_partitions
+
+    try:
+        days = date_partitions(start.date(), end.date())
+    except ValueError as e:
+        fail(str(e), code=2)
+    if "{partition}" not in source_pattern:
+        fail("SOURCE_PATTERN must contain {partition}, e.g. /data/{partition}", code=2)
+    # The first day's source must be there; later days may still be arriving.
+    check(
+        preflight.Checks(
+            inputs={"SOURCE_PATTERN": source_pattern.format(partition=days[0])},
+            outputs={"--out": out},
+        )
+    )
     summaries = run_flow(
         backfill_flow, source_pattern, out, start.date(), end.date(), name, shard_size
     )
@@ -159,6 +288,7 @@ def backfill(
         for d, s in summaries.items()
     ]
     print_table(rows, "backfill")
+    written.print_written(written.backfill(out, days, summaries))
 
 
 def parse_config(model: Any, **fields: Any) -> Any:
@@ -169,15 +299,22 @@ def parse_config(model: Any, **fields: Any) -> Any:
         fail(str(e))
 
 
+def _infer(config: Any) -> None:
+    summary = run_flow(_flow("teacher", "infer_flow"), config)
+    print_summary(summary, "infer")
+    written.print_written(written.infer(config.out, config.features, summary))
+
+
+_INFER_SPEC = Spec(
+    InferConfig,
+    positional={"shards": "shard URL, folder or prefix of shards, or {a..b}"},
+    aliases={"checkpoint": ["--model", "--checkpoint"]},
+)
 config_command(
     app,
     "infer",
-    Spec(
-        InferConfig,
-        positional={"shards": "shard URL, folder or prefix of shards, or {a..b}"},
-        aliases={"checkpoint": ["--model", "--checkpoint"]},
-    ),
-    lambda config: print_summary(run_flow(_flow("teacher", "infer_flow"), config), "infer"),
+    _INFER_SPEC,
+    checked(_INFER_SPEC, _infer),
     help="Teacher inference: top-P classes and scores (and embeddings) per image.",
     load_yaml=lambda path: load_yaml(path),
 )
@@ -186,57 +323,77 @@ config_command(
 def _select(config: Any) -> None:
     report = run_flow(_flow("teacher", "select_flow"), config)
     print_summary({k: v for k, v in report.items() if not isinstance(v, list)}, "selection")
-    typer.echo(f"selection: {config.out}")
+    written.print_written(written.select(config.out))
 
 
+_SELECT_SPEC = Spec(
+    SelectConfig, positional={"predictions": "folder or prefix of predictions Parquet"}
+)
 config_command(
     app,
     "select",
-    Spec(SelectConfig, positional={"predictions": "folder or prefix of predictions Parquet"}),
-    _select,
+    _SELECT_SPEC,
+    checked(_SELECT_SPEC, _select),
     help="Top-K images per class among the images whose top-P holds the class.",
     load_yaml=lambda path: load_yaml(path),
 )
 
+
+def _materialize(config: Any) -> None:
+    print_summary(run_flow(_flow("teacher", "materialize_flow"), config), "materialize")
+    written.print_written(written.materialize(config.out))
+
+
+_MATERIALIZE_SPEC = Spec(
+    MaterializeConfig,
+    positional={"selection": "selection.parquet written by cvpipe select"},
+    aliases={"checkpoint": ["--model", "--checkpoint"]},
+)
 config_command(
     app,
     "materialize",
-    Spec(
-        MaterializeConfig,
-        positional={"selection": "selection.parquet written by cvpipe select"},
-        aliases={"checkpoint": ["--model", "--checkpoint"]},
-    ),
-    lambda config: print_summary(
-        run_flow(_flow("teacher", "materialize_flow"), config), "materialize"
-    ),
+    _MATERIALIZE_SPEC,
+    checked(_MATERIALIZE_SPEC, _materialize),
     help="Write the selected images as shards with their pseudo-labels and provenance.",
     load_yaml=lambda path: load_yaml(path),
 )
 
+
+def _anchors_build(config: Any) -> None:
+    print_table(run_flow(_flow("anchors", "anchors_build_flow"), config), "anchors")
+    written.print_written(written.anchors(config.out))
+
+
+_ANCHORS_SPEC = Spec(
+    AnchorsConfig,
+    positional={"sources": "NAME=SHARDS, one per anchor dataset"},
+    aliases={"checkpoint": ["--model", "--checkpoint"]},
+)
 config_command(
     anchors_app,
     "build",
-    Spec(
-        AnchorsConfig,
-        positional={"sources": "NAME=SHARDS, one per anchor dataset"},
-        aliases={"checkpoint": ["--model", "--checkpoint"]},
-    ),
-    lambda config: print_table(run_flow(_flow("anchors", "anchors_build_flow"), config), "anchors"),
+    _ANCHORS_SPEC,
+    checked(_ANCHORS_SPEC, _anchors_build),
     help="Summarize each NAME=SHARDS dataset as an anchor (one pass, merged partial sums).",
     load_yaml=lambda path: load_yaml(path),
 )
 
+
+def _label(config: Any) -> None:
+    print_summary(run_flow(_flow("anchors", "label_flow"), config), f"labels ({config.method})")
+    written.print_written(written.labels(config.out))
+
+
+_LABEL_SPEC = Spec(
+    LabelConfig,
+    positional={"features": "folder or prefix of features Parquet"},
+    aliases={"checkpoint": ["--model", "--checkpoint"], "ordered": ["--ordered/--unordered"]},
+)
 config_command(
     app,
     "label",
-    Spec(
-        LabelConfig,
-        positional={"features": "folder or prefix of features Parquet"},
-        aliases={"checkpoint": ["--model", "--checkpoint"], "ordered": ["--ordered/--unordered"]},
-    ),
-    lambda config: print_summary(
-        run_flow(_flow("anchors", "label_flow"), config), f"labels ({config.method})"
-    ),
+    _LABEL_SPEC,
+    checked(_LABEL_SPEC, _label),
     help="Anchor-distance pseudo-labels for every image of a features set.",
     load_yaml=lambda path: load_yaml(path),
 )
@@ -273,16 +430,30 @@ def load_yaml_config(path: str, model: Any, **overrides: Any) -> Any:
     return parse_config(model, **raw)
 
 
-def run_semi_supervised(config: Any) -> None:
+def experiment_checks(config: Any, where: str) -> preflight.Checks:
+    """An experiment config's preflight: its output root, the shards it names and the
+    device of each of its training configs (named ``FILE: field``)."""
+    checks = preflight.Checks()
+    checks.add("outputs", f"{where}: root", config.root)
+    for name in ("labeled", "unlabeled", "test", "anchors"):
+        checks.add("inputs", f"{where}: {name}", getattr(config, name, None))
+    for name, value in config:
+        if isinstance(value, TrainConfig):
+            checks.add("devices", f"{where}: {name}.device", value.device)
+    return checks
+
+
+def run_semi_supervised(config: Any, where: str) -> None:
     from flows.semi_supervised import semi_supervised_flow
 
+    check(experiment_checks(config, where))
     result = run_flow(semi_supervised_flow, config)
     typer.echo("")
     typer.echo(result["markdown"])
-    typer.echo(f"results: {config.root}/results.parquet, {config.root}/results.md")
+    written.print_written(written.semi_supervised(config.root), "semi-supervised: written")
 
 
-EXPERIMENTS = ("semi_supervised", "anchor_transfer")
+EXPERIMENTS = ("semi_supervised", "anchor_transfer", "weak_teacher")
 
 
 @app.command()
@@ -301,19 +472,23 @@ def run(
     if root:
         raw["root"] = root
     if kind == "anchor_transfer":
-        run_anchor_transfer(parse_config(AnchorTransferConfig, **raw))
+        run_anchor_transfer(parse_config(AnchorTransferConfig, **raw), config)
+    elif kind == "weak_teacher":
+        run_weak_teacher(raw)
     else:
-        run_semi_supervised(parse_config(SemiSupervisedConfig, **raw))
+        run_semi_supervised(parse_config(SemiSupervisedConfig, **raw), config)
 
 
-def run_anchor_transfer(config: Any) -> None:
+def run_anchor_transfer(config: Any, where: str) -> None:
     from flows.anchor_labels import anchor_transfer_flow
 
+    check(experiment_checks(config, where))
     result = run_flow(anchor_transfer_flow, config)
     typer.echo("\nPseudo-label datasets\n\n" + result["pseudo_labels"])
     typer.echo(
         "\nTransfer: top-1 of each source fine-tuned on each target\n\n" + result["transfer"]
     )
+    written.print_written(written.anchor_transfer(config.root), "anchor transfer: written")
 
 
 def train_config(config: str | None, **fields: Any) -> Any:
@@ -340,21 +515,29 @@ _TRAIN_SPEC = Spec(
 )
 
 
+_TRAIN_FLAGS = {
+    "shards": ("--shards", "inputs"),
+    "out": ("--out", "outputs"),
+    "test": ("--test", "inputs"),
+}
+
+
 def _train(config: Any, shards: str, out: str, test: str | None) -> None:
     print_summary(run_flow(_flow("training", "train_flow"), config, shards, out, test), "train")
+    written.print_written(written.train(out, bool(test)))
 
 
 config_command(
     app,
     "train",
     _TRAIN_SPEC,
-    _train,
+    checked(_TRAIN_SPEC, _train, _TRAIN_FLAGS),
     extra=[
         inspect.Parameter(
             "shards",
-            _KW,
+            _POS,
             annotation=str,
-            default=typer.Option(..., "--shards", help="labeled training shards"),
+            default=typer.Argument(..., help="labeled training shards"),
         ),
         inspect.Parameter(
             "out",
@@ -384,19 +567,20 @@ def _finetune(config: Any, shards: str, init: str, out: str, test: str | None) -
     print_summary(
         run_flow(_flow("training", "train_flow"), config, shards, out, test, init), "finetune"
     )
+    written.print_written(written.train(out, bool(test)))
 
 
 config_command(
     app,
     "finetune",
     _TRAIN_SPEC,
-    _finetune,
+    checked(_TRAIN_SPEC, _finetune, {**_TRAIN_FLAGS, "init": ("--from", "checkpoints")}),
     extra=[
         inspect.Parameter(
             "shards",
-            _KW,
+            _POS,
             annotation=str,
-            default=typer.Option(..., "--shards", help="labeled shards of the target task"),
+            default=typer.Argument(..., help="labeled shards of the target task"),
         ),
         inspect.Parameter(
             "init",
@@ -433,9 +617,18 @@ def chop(
     from cvpipe.models import load_info
     from flows.training import chop_flow
 
+    check(
+        preflight.Checks(
+            inputs={"SHARDS": shards, "--test": test},
+            checkpoints={"--from": init},
+            outputs={"--out": out},
+            devices={"--device": device} if device else {},
+        )
+    )
     cfg = train_config(config, arch=load_info(init).arch, epochs=epochs, lr=lr, device=device)
     urls = run_flow(chop_flow, init, cfg, shards, test, out)
     typer.echo(read_bytes(urls["markdown"]).decode())
+    written.print_written(written.chop(urls))
 
 
 @app.command()
@@ -454,6 +647,7 @@ def pipeline(
     from flows.pipeline_config import PipelineConfig
 
     cfg = load_yaml_config(config, PipelineConfig, partition=partition, root=root)
+    check(preflight.Checks(outputs={"--root" if root else f"{config}: root": cfg.root}))
     wanted = [s.strip() for s in stages.split(",") if s.strip()] if stages else None
     flow = _flow("pipeline", "pipeline_flow")
     from flows.runners import with_runner
@@ -471,10 +665,59 @@ def storage_read_text(url: str) -> str:
 
 
 @app.command()
+def serve(
+    config: str = typer.Argument(..., help="pipeline YAML (see flows/examples/pipeline.yaml)"),
+    cron: str = typer.Option("30 2 * * *", "--cron", help="schedule (UTC)"),
+    days_ago: int = typer.Option(1, "--days-ago", help="partition = scheduled day minus this"),
+    root: str = typer.Option(None, "--root", help="override the config's output root"),
+    name: str = typer.Option("pipeline-daily", "--name", help="the deployment's name"),
+) -> None:
+    """Run the daily pipeline on a schedule from this process (flow.serve): no work pool
+    or worker needed. Uses PREFECT_API_URL's server, or the embedded API while it runs."""
+    import os
+
+    from flows import local_api
+    from flows.backfill import partition_pipeline_flow
+    from flows.pipeline_config import PipelineConfig
+
+    load_yaml_config(config, PipelineConfig, root=root)  # a bad config fails now, not at 02:30
+    params = {"config_url": os.path.abspath(config), "days_ago": days_ago,
+              **({"root": root} if root else {})}  # fmt: skip
+    with local_api.api():
+        partition_pipeline_flow.serve(name=name, cron=cron, parameters=params)
+
+
+@app.command()
+def plan(
+    images: int = typer.Option(..., "--images", help="images to process, e.g. 1000000000"),
+    shard_size: int = typer.Option(10_000, "--shard-size", help="images per shard"),
+    gpus: int = typer.Option(8, "--gpus", help="GPUs available"),
+    cpus: int = typer.Option(64, "--cpus", help="CPU worker processes available"),
+    partition_images: int = typer.Option(
+        10_000_000, "--partition-images", help="images per partition (one flow run each)"
+    ),
+    shards_per_unit: int = typer.Option(4, "--shards-per-unit", help="shards per GPU task run"),
+    sources: list[str] = typer.Option(
+        None,
+        "--from",
+        help="folders of benchmark JSON (default: benchmarks/results and benchmarks/reference)",
+    ),
+) -> None:
+    """What a run over N images costs: shards, partitions, flow and task runs, GPU- and
+    CPU-hours, wall time and storage per stage, from the rates the benchmarks measured."""
+    from flows import plan as planner
+
+    result = planner.plan(images, shard_size, gpus, cpus, partition_images, shards_per_unit,
+                          sources or None)  # fmt: skip
+    typer.echo(planner.markdown(result))
+
+
+@app.command()
 def demo(
     out: str = typer.Option("demo", "--out", help="output folder of the demo"),
     seeds: int = typer.Option(None, "--seeds", help="run only the first N seeds"),
     anchors: bool = typer.Option(True, "--anchors/--no-anchors", help="the anchor part too"),
+    weak: bool = typer.Option(True, "--weak/--no-weak", help="the weak-label part too"),
 ) -> None:
     """The demo on the bundled digits: the semi-supervised experiment
     (flows/examples/demo.yaml), then anchor pseudo-labels and their transfer table
@@ -490,13 +733,19 @@ def demo(
     )
     if seeds:
         config = config.model_copy(update={"seeds": config.seeds[:seeds]})
-    run_semi_supervised(config)
+    run_semi_supervised(config, "demo.yaml")
     if anchors:
         run_anchor_transfer(
             load_yaml_config(
                 str(examples / "anchors.yaml"), AnchorTransferConfig, root=join(out, "anchors")
-            )
+            ),
+            "anchors.yaml",
         )
+    if weak:
+        run_weak_demo(join(out, "weak"))
+
+
+register_weak(app)  # vocab, train-weak, words (flows/cli_weak.py)
 
 
 from flows.retry_rejects import retry_rejects  # noqa: E402 (commands in modules of their own)
@@ -504,6 +753,22 @@ from flows.verify import verify  # noqa: E402
 
 app.command("retry-rejects")(retry_rejects)
 app.command("verify")(verify)
+# The index, dedup and siamese commands live in their own module.
+from flows.cli_index import register as _register_index  # noqa: E402
+
+_register_index(app)
+
+# Detection commands live in their own module.
+from flows import cli_detect  # noqa: E402
+
+cli_detect.register(app, datasets_app)
+
+
+def _command_name(args: list[str]) -> str:
+    """``ingest`` or ``datasets-photos``: the command a line runs, for its log file."""
+    words = [a for a in args if not a.startswith("-")][:2]
+    groups = {"datasets", "anchors"}
+    return "-".join(words if words and words[0] in groups else words[:1]) or "cvpipe"
 
 
 # p2l, shallow, transfer (their own module; they use the helpers above when they run).
@@ -513,15 +778,26 @@ cli_transfer.register(app)
 
 
 def main() -> None:
+    """The console script. The local Prefect API (when no PREFECT_API_URL is set) starts
+    once the command's input has passed its preflight, in the background while the flow
+    is imported; bad input never waits for it."""
+    global _owns_api
     from flows import local_api
 
-    wants_help = len(sys.argv) < 2 or any(a in ("--help", "-h") for a in sys.argv[1:])
+    args = terminal.hoist_global_flags(sys.argv[1:])
+    wants_help = not args or any(a in ("--help", "-h") for a in args)
     try:
         if wants_help:
-            app()
+            app(args=args)
         else:
-            with local_api.owned_api():  # started now, ready when the first flow runs
-                app()
+            terminal.use_cli_prefect_logging()
+            local_api.log_server_output_to(terminal.plan_log(_command_name(args)))
+            _owns_api = True
+            try:
+                with local_api.owned_api(start=False):  # stopped (and reaped) at the end
+                    app(args=args)
+            finally:  # Prefect's last lines (at the API's stop) still go to the log file
+                terminal.stop()
     except KeyboardInterrupt:
         sys.exit(130)
 

@@ -13,7 +13,8 @@ from cvpipe.data.config import IngestConfig
 from cvpipe.data.ingest import IngestStage, prepare_plan
 from cvpipe.data.integrity import VerifyConfig, VerifyStage
 from cvpipe.data.plan import skipped_url
-from tasks.artifacts import publish_table, summary_rows
+from cvpipe.data.shards import unit_url
+from tasks.artifacts import publish_rejects, publish_table, run_name, summary_rows
 from tasks.stage import run_units
 
 
@@ -66,6 +67,16 @@ def ingest_flow(config: IngestConfig) -> dict[str, Any]:
         location=config.root,
         description=f"Ingest of `{config.source}` into partition `{config.partition}`",
     )
+    if summary["rejected"]:
+        folder = storage.join(config.root, "rejects", "ingest", config.partition)
+        publish_rejects(
+            [unit_url(config.root, "rejects/ingest", s.shard) for s in stats if s.rejects],
+            f"ingest-rejects-{config.partition}",
+            f"{summary['rejected']} file(s) of `{config.source}` rejected (the first 200; "
+            f"all in `{folder}`)",
+            location=config.root,
+        )
+        logger.warning("%d file(s) rejected: see %s", summary["rejected"], folder)
     return summary
 
 
@@ -97,11 +108,12 @@ def retry_rejects_flow(
         summary_rows(summary),
         key=f"retry-rejects-{partition}",
         description=f"Retry of the retryable rejects of `{root}` partition `{partition}`",
+        location=root,
     )
     return summary
 
 
-@flow(name="verify-shards", flow_run_name="verify {config.shards}")
+@flow(name="verify-shards", flow_run_name=run_name("verify {config.shards}"))
 def verify_flow(config: VerifyConfig) -> dict[str, Any]:
     """Check every shard (readable, sample count = its index, checksum as ingested)
     before an expensive stage; failed shards are quarantined and named in the summary,

@@ -155,25 +155,31 @@ def _score(checkpoint: str, test: list[str], cfg: TrainConfig) -> dict[str, floa
 
 @flow(name="pipeline", flow_run_name="pipeline {config.partition}")
 def pipeline_flow(config: PipelineConfig, stages: list[str] | None = None) -> dict[str, Any]:
-    """Run the DAG for ``config.partition``. ``stages`` (default: all) limits which
-    stages run; the others' committed outputs are used as they are."""
+    """Run the DAG for ``config.partition``. ``stages`` (default: all) names the stages
+    to run; the DAG stops after the last of them, and a stage before it that is not
+    named (or is switched off) contributes what an earlier run committed."""
     unknown = sorted(set(stages or ()) - set(STAGES))
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; the stages are {list(STAGES)}")
     logger = get_run_logger()
     layout = Layout(config)
     p = config.partition
+    reach = max(STAGES.index(s) for s in stages) if stages else len(STAGES) - 1
 
     def on(stage: str) -> bool:
-        section = getattr(config, stage if stage != "ingest" else "ingest")
-        return section.enabled and (stages is None or stage in stages)
+        return getattr(config, stage).enabled and (stages is None or stage in stages)
+
+    def needed(stage: str) -> bool:
+        return STAGES.index(stage) <= reach
 
     if not on("ingest"):
         config = config.model_copy(update={"ingest": config.ingest.model_copy(
             update={"enabled": False})})  # fmt: skip
     folders = data_flow(config, config.root, p)
-    labeled, test = _tars(folders["labeled"]), _tars(folders["test"])
     summary: dict[str, Any] = {"partition": p, "root": config.root}
+    if not needed("teacher"):
+        return _finish(summary, layout, logger)
+    labeled, test = _tars(folders["labeled"]), _tars(folders["test"])
 
     # Teacher: trained once on D (not per partition).
     t = config.teacher
@@ -199,60 +205,61 @@ def pipeline_flow(config: PipelineConfig, stages: list[str] | None = None) -> di
     if on("select"):
         select_flow(SelectConfig(predictions=predictions, out=layout.select_dir,
                                  top_p=config.infer.top_p, top_k=config.select.top_k))  # fmt: skip
-    sel = selection.selection_url(layout.select_dir)
-    summary["selection"] = sel
+    if needed("select"):
+        summary["selection"] = selection.selection_url(layout.select_dir)
 
     # D^ as shards: every partition with predictions.
     if on("materialize"):
         parts = sorted({u[len(predictions):].strip("/").split("/")[0]
                         for u in storage.expand_urls(predictions, ".parquet")})  # fmt: skip
         unlabeled = [u for part in parts for u in _tars(layout.shards(part))]
-        materialize_flow(MaterializeConfig(selection=sel, shards=unlabeled,
+        materialize_flow(MaterializeConfig(selection=summary["selection"], shards=unlabeled,
                                            out=layout.pseudo_dir, checkpoint=teacher))  # fmt: skip
     pseudo = storage.join(layout.pseudo_dir, "shards")
 
-    from cvpipe import models
+    if needed("student"):
+        from cvpipe import models
 
-    classes = models.load_info(teacher).classes
-    if on("student"):
-        student = _train(config.student.train, _tars(pseudo), layout.student_dir,
-                         classes=classes)  # fmt: skip
-    else:
-        student = _committed_checkpoint(layout.student_dir, "student")
-    summary["student"] = {"checkpoint": student, **_score(student, test, config.student.train)}
-    if on("finetune"):
-        finetuned = _train(config.finetune.train, labeled, layout.finetuned_dir, student)
-    else:
-        finetuned = _committed_checkpoint(layout.finetuned_dir, "finetune")
-    summary["finetuned"] = {
-        "checkpoint": finetuned,
-        **_score(finetuned, test, config.finetune.train),
-    }
+        classes = models.load_info(teacher).classes
+        if on("student"):
+            student = _train(config.student.train, _tars(pseudo), layout.student_dir,
+                             classes=classes)  # fmt: skip
+        else:
+            student = _committed_checkpoint(layout.student_dir, "student")
+        summary["student"] = {"checkpoint": student,
+                              **_score(student, test, config.student.train)}  # fmt: skip
+    if needed("finetune"):
+        if on("finetune"):
+            finetuned = _train(config.finetune.train, labeled, layout.finetuned_dir, student)
+        else:
+            finetuned = _committed_checkpoint(layout.finetuned_dir, "finetune")
+        summary["finetuned"] = {"checkpoint": finetuned,
+                                **_score(finetuned, test, config.finetune.train)}  # fmt: skip
+    return _finish(summary, layout, logger)
+
+
+def _finish(summary: dict[str, Any], layout: Layout, logger: Any) -> dict[str, Any]:
+    p = summary["partition"]
     markdown = report_markdown(summary)
     report = layout.report(p)
     storage.write_bytes_if_changed(report, markdown.encode())
-    publish_markdown(markdown, f"pipeline-{p}", f"Pipeline run of `{p}`", location=config.root)
+    publish_markdown(markdown, f"pipeline-{p}", f"Pipeline run of `{p}`", location=layout.root)
     logger.info("pipeline %s done: report %s", p, report)
     return {**summary, "report": report}
 
 
 def report_markdown(summary: dict[str, Any]) -> str:
-    rows = []
-    for name, key in (("teacher (D only)", "teacher"), ("student (D^ only)", "student"),
-                      ("student fine-tuned on D", "finetuned")):  # fmt: skip
-        s = summary[key]
-        rows.append(
-            f"| {name} | {100 * s['top1']:.2f} | {100 * s['top5']:.2f} | `{s['checkpoint']}` |"
-        )
-    return "\n".join(
-        [
-            f"# Pipeline: partition {summary['partition']}",
-            "",
-            f"Root: `{summary['root']}`; selection: `{summary['selection']}`",
-            "",
-            "| model | top-1 (%) | top-5 (%) | checkpoint |",
-            "|---|---|---|---|",
-            *rows,
-            "",
-        ]
-    )
+    """What a run produced: the models it has (with test accuracy) and where they are."""
+    lines = [f"# Pipeline: partition {summary['partition']}", "", f"Root: `{summary['root']}`"]
+    if "selection" in summary:
+        lines.append(f"Selection: `{summary['selection']}`")
+    if summary.get("quarantined"):
+        lines.append(f"Quarantined shards: {summary['quarantined']}")
+    models = [(name, summary[key]) for name, key in (
+        ("teacher (D only)", "teacher"), ("student (D^ only)", "student"),
+        ("student fine-tuned on D", "finetuned")) if key in summary]  # fmt: skip
+    if models:
+        lines += ["", "| model | top-1 (%) | top-5 (%) | checkpoint |", "|---|---|---|---|"]
+        lines += [f"| {name} | {100 * s['top1']:.2f} | {100 * s['top5']:.2f} | "
+                  f"`{s['checkpoint']}` |" for name, s in models]  # fmt: skip
+    return "\n".join([*lines, ""])

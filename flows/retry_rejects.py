@@ -19,8 +19,10 @@ def retry_rejects(
     name: str = typer.Option(None, "--name", help="the ingest name, if the partition has several"),
 ) -> None:
     """Re-ingest retryable rejects (fetch timeouts, transient read errors) of a partition."""
-    from flows.cli import print_summary, run_flow
+    from flows import preflight
+    from flows.cli import check, print_summary, run_flow
     from flows.ingest import retry_rejects_flow
 
+    check(preflight.Checks(inputs={"ROOT": root}, outputs={"ROOT": root}))
     summary = run_flow(retry_rejects_flow, root, partition, reasons or None, name)
     print_summary(summary, f"retry-rejects {partition}")

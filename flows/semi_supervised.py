@@ -34,7 +34,8 @@ from cvpipe.learn.config import TrainConfig
 from flows.datasets import export_digits_flow
 from flows.ingest import ingest_flow
 from flows.teacher import infer_flow, materialize_flow, select_flow
-from tasks.artifacts import publish_markdown, publish_table
+from tasks.artifacts import publish_markdown, publish_table, run_name
+from tasks.progress import header
 from tasks.stage import run_units
 from tasks.training import evaluate, train
 
@@ -45,7 +46,7 @@ def _seeded(cfg: TrainConfig, seed: int, **updates: Any) -> TrainConfig:
     return TrainConfig.model_validate({**cfg.model_dump(), "seed": seed, **updates})
 
 
-@flow(name="prepare-digits", flow_run_name="digits seed {seed} -> {root}")
+@flow(name="prepare-digits", flow_run_name=run_name("digits seed {seed} -> {root}"))
 def digits_data_flow(root: str, split: DigitsSplit, seed: int) -> dict[str, list[str]]:
     """The digits split of ``seed`` (stratified), each part ingested as a partition."""
     pool = 1.0 - split.test_fraction
@@ -153,14 +154,16 @@ def student_flow(
     return rows
 
 
-@flow(name="semi-supervised", flow_run_name="semi-supervised -> {config.root}")
+@flow(name="semi-supervised", flow_run_name=run_name("semi-supervised -> {config.root}"))
 def semi_supervised_flow(config: SemiSupervisedConfig) -> dict[str, Any]:
     """The whole experiment for every seed; returns the mean top-1 per method and the
     per-seed gains of the fine-tuned student over the supervised baseline."""
     logger = get_run_logger()
     runs: list[dict[str, Any]] = []
-    for seed in config.seeds:
+    for i, seed in enumerate(config.seeds, 1):
+        step = f"seed {i}/{len(config.seeds)}"  # "seed 2/3: teacher" in the terminal
         seed_root = storage.join(config.root, f"seed-{seed}")
+        header(f"{step}: data (seed {seed})")
         if config.digits is not None:
             data_root = storage.join(seed_root, "data")
             data = digits_data_flow(data_root, config.digits, seed)
@@ -168,12 +171,20 @@ def semi_supervised_flow(config: SemiSupervisedConfig) -> dict[str, Any]:
         else:
             data = {p: storage.expand_urls(getattr(config, p), ".tar") for p in PARTS}
             truth = None
-        teacher_dir = storage.join(seed_root, f"teacher-{tables.config_hash(config.teacher)[:8]}")
-        teacher = train(_seeded(config.teacher, seed), data["labeled"], teacher_dir)
-        # A baseline configured like the teacher *is* the teacher's run: train it once.
+        init = config.teacher_init.replace("{seed}", str(seed)) if config.teacher_init else None
+        teacher_id = tables.config_hash([config.teacher, init] if init else config.teacher)
+        teacher_dir = storage.join(seed_root, f"teacher-{teacher_id[:8]}")
+        header(f"{step}: teacher")
+        # From another model (its classes are words, not digits): a fresh head on D's labels.
+        teacher_cfg = _seeded(config.teacher, seed, **({"new_head": True} if init else {}))
+        teacher = train(teacher_cfg, data["labeled"], teacher_dir, init_checkpoint=init)
+        # A baseline configured like the teacher *is* the teacher's run: train it once
+        # (unless the teacher starts from another model: the baseline starts from scratch).
+        if not (config.baseline == config.teacher and init is None):
+            header(f"{step}: supervised baseline")
         baseline = (
             teacher
-            if config.baseline == config.teacher
+            if config.baseline == config.teacher and init is None
             else train(
                 _seeded(config.baseline, seed),
                 data["labeled"],
@@ -181,6 +192,7 @@ def semi_supervised_flow(config: SemiSupervisedConfig) -> dict[str, Any]:
             )
         )
         infer_out = storage.join(teacher_dir, "infer")
+        header(f"{step}: teacher inference on U")
         infer_flow(
             InferConfig(
                 shards=data["unlabeled"],
@@ -203,6 +215,7 @@ def semi_supervised_flow(config: SemiSupervisedConfig) -> dict[str, Any]:
         variants += [(k, 1.0) for k in config.sweep_top_k if k != config.top_k]
         variants += [(config.top_k, f) for f in config.sweep_unlabeled_fraction if f != 1.0]
         for top_k, fraction in variants:
+            header(f"{step}: student (K={top_k}, {fraction:.0%} of U)")
             student_rows = student_flow(
                 config, seed, data, teacher, predictions, top_k, fraction, truth
             )
@@ -251,14 +264,19 @@ def _report(config: SemiSupervisedConfig, runs: list[dict[str, Any]]) -> dict[st
     storage.write_bytes_atomic(
         storage.join(config.root, "results.md"), f"# {title}\n\n{markdown}".encode()
     )
-    publish_markdown(markdown, "semi-supervised-results", title)
+    storage.write_bytes_atomic(
+        storage.join(config.root, "results_per_seed.png"), reports.ssl_seed_bars(main)
+    )
+    publish_markdown(markdown, "semi-supervised-results", title, location=config.root)
     publish_table(
         [
             {k: r[k] for k in ("seed", "method", "top1", "top5", "pseudo", "precision")}
             for r in main
         ],
         "semi-supervised-runs",
-        "Every (seed, method) of the main setting",
+        f"Every (seed, method) of the main setting (per-seed chart: "
+        f"`{storage.join(config.root, 'results_per_seed.png')}`)",
+        location=config.root,
     )
     for x, name, rows in (
         ("top_k", "sweep_top_k", [r for r in runs if r["unlabeled_fraction"] == 1.0]),
@@ -269,7 +287,7 @@ def _report(config: SemiSupervisedConfig, runs: list[dict[str, Any]]) -> dict[st
         md, png = reports.ssl_sweep(rows, x)
         storage.write_bytes_atomic(storage.join(config.root, f"{name}.md"), md.encode())
         storage.write_bytes_atomic(storage.join(config.root, f"{name}.png"), png)
-        publish_markdown(md, f"semi-supervised-{name}", f"Sweep over {x}")
+        publish_markdown(md, f"semi-supervised-{name}", f"Sweep over {x}", location=config.root)
     by_method = {
         m: sum(r["top1"] for r in main if r["method"] == m) / len(config.seeds)
         for m in reports.SSL_METHODS

@@ -15,24 +15,16 @@ from prefect import flow, get_run_logger
 from cvpipe.core import storage
 from cvpipe.infer.config import InferConfig
 from cvpipe.infer.stage import InferStage
+from cvpipe.infer.teacher import rejects_url
 from cvpipe.label import selection
 from cvpipe.label.config import MaterializeConfig, SelectConfig
 from cvpipe.label.materialize import MaterializeStage
 from cvpipe.label.selection import SelectFinalizeStage, SelectMergeStage, SelectPartialStage
-from tasks.artifacts import publish_markdown, publish_table, short_spec, summary_rows
+from tasks.artifacts import publish_markdown, publish_rejects, publish_table, run_name, summary_rows
 from tasks.stage import run_units
 
 
-def _infer_run_name() -> str:
-    """A short flow-run name: the first shard spec and how many more, then the output."""
-    from prefect.runtime import flow_run
-
-    config = flow_run.parameters["config"]
-    get = config.get if isinstance(config, dict) else lambda k: getattr(config, k)
-    return f"infer {short_spec(get('shards'))} -> {short_spec(get('out'))}"
-
-
-@flow(name="infer", flow_run_name=_infer_run_name)
+@flow(name="infer", flow_run_name=run_name("infer {config.shards} -> {config.out}"))
 def infer_flow(config: InferConfig) -> dict[str, Any]:
     """Top-P predictions (and features) for every shard; committed shards are skipped."""
     stage = InferStage(config)
@@ -49,6 +41,13 @@ def infer_flow(config: InferConfig) -> dict[str, Any]:
         summary_rows(summary), "infer-summary", f"Teacher inference into `{config.out}`",
         location=config.out,
     )  # fmt: skip
+    if summary.get("rejected"):
+        publish_rejects(
+            [rejects_url(config.out, s.shard) for unit in stats for s in unit if s.rejects],
+            "infer-rejects",
+            f"{summary['rejected']} image(s) rejected by teacher inference (the first 200)",
+            location=config.out,
+        )
     return summary
 
 
@@ -79,7 +78,7 @@ def select_flow(config: SelectConfig) -> dict[str, Any]:
     return report
 
 
-@flow(name="materialize", flow_run_name="materialize -> {config.out}")
+@flow(name="materialize", flow_run_name=run_name("materialize -> {config.out}"))
 def materialize_flow(config: MaterializeConfig) -> dict[str, Any]:
     """The selected images as shards, replicated once per selected class."""
     stage = MaterializeStage(config)

@@ -9,11 +9,11 @@ from prefect import flow, get_run_logger
 from cvpipe.core import storage
 from cvpipe.experiments import chop
 from cvpipe.learn.config import TrainConfig
-from tasks.artifacts import publish_table
+from tasks.artifacts import publish_table, run_name
 from tasks.training import evaluate, train
 
 
-@flow(name="train", flow_run_name="train {cfg.arch} -> {out}")
+@flow(name="train", flow_run_name=run_name("train {cfg.arch} -> {out}"))
 def train_flow(
     cfg: TrainConfig,
     shards: str | list[str],
@@ -34,16 +34,11 @@ def train_flow(
             threads=cfg.cpu_threads,
         )
         result.update(top1=scores.top1, top5=scores.top5, test_images=scores.n)
-        publish_table(
-            scores.per_class_table().to_pylist(),
-            "per-class-accuracy",
-            f"Per-class accuracy of `{checkpoint}`",
-        )
     get_run_logger().info("trained %s", result)
     return result
 
 
-@flow(name="chop", flow_run_name="chop {cfg.arch} from {base_checkpoint}")
+@flow(name="chop", flow_run_name=run_name("chop {cfg.arch} from {base_checkpoint}"))
 def chop_flow(
     base_checkpoint: str,
     cfg: TrainConfig,
@@ -70,5 +65,10 @@ def chop_flow(
         )
         rows.append({"n": n, "mode": mode, "top1": scores.top1, "top5": scores.top5})
     urls = chop.chop_report(rows, out, cfg.arch)
-    publish_table(rows, "chop", f"Top-1 after copying the first n stages of `{base_checkpoint}`")
+    publish_table(
+        rows,
+        "chop",
+        f"Top-1 after copying the first n stages of `{base_checkpoint}`",
+        location=out,
+    )
     return urls

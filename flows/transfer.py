@@ -25,7 +25,7 @@ from cvpipe.label.config import AnchorsConfig, P2LConfig
 from cvpipe.learn.config import ShallowConfig
 from cvpipe.learn.shallow import ShallowStage
 from flows.anchors import anchors_build_flow
-from tasks.artifacts import publish_table
+from tasks.artifacts import publish_table, run_name
 from tasks.stage import run_units
 
 
@@ -96,7 +96,7 @@ def ranking_url(out: str) -> str:
     return storage.join(out, "ranking.parquet")
 
 
-@flow(name="p2l", flow_run_name="p2l -> {config.out}")
+@flow(name="p2l", flow_run_name=run_name("p2l {config.target} -> {config.out}"))
 def p2l_flow(config: P2LConfig) -> list[dict[str, Any]]:
     """Rank the candidate sources of ``config.candidates`` for the target; returns the
     ranking rows (best first)."""
@@ -139,14 +139,24 @@ def p2l_flow(config: P2LConfig) -> list[dict[str, Any]]:
         "weights_url": config.weights,
     }
     p2l.write_ranking(rows, ranking_url(config.out), weights, lineage)
-    publish_table(rows, "p2l-ranking", f"P2L-style ranking of sources for `{config.target}`")
+    publish_table(
+        rows,
+        "p2l-ranking",
+        f"P2L-style ranking of sources for `{config.target}`",
+        location=config.out,
+    )
     get_run_logger().info("p2l: best source %s of %d", rows[0]["candidate"], len(rows))
     return rows
 
 
-@flow(name="shallow", flow_run_name="shallow {config.model} -> {config.out}")
+@flow(name="shallow", flow_run_name=run_name("shallow {config.model} -> {config.out}"))
 def shallow_flow(config: ShallowConfig) -> dict[str, Any]:
     """Fit and score one shallow learner on frozen features; returns its row."""
     [row] = run_units(ShallowStage, config=config, what=f"shallow {config.model}")
-    publish_table([row], "shallow", f"Shallow learner `{config.model}` on `{config.features}`")
+    publish_table(
+        [row],
+        "shallow",
+        f"Shallow learner `{config.model}` on `{config.features}`",
+        location=config.out,
+    )
     return row

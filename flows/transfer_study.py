@@ -39,7 +39,7 @@ from flows.datasets import export_digits_flow
 from flows.ingest import ingest_flow
 from flows.teacher import infer_flow
 from flows.transfer import shallow_flow, summarize
-from tasks.artifacts import publish_markdown, publish_table
+from tasks.artifacts import publish_markdown, publish_table, run_name
 from tasks.training import evaluate, train
 from tasks.transfer import measure_costs
 
@@ -55,7 +55,7 @@ def _ingest(manifest: str, root: str, partition: str, shard_size: int) -> list[s
     return storage.list_committed(storage.join(root, "shards", partition), ".tar")
 
 
-@flow(name="prepare-transfer-digits", flow_run_name="transfer digits -> {root}")
+@flow(name="prepare-transfer-digits", flow_run_name=run_name("transfer digits -> {root}"))
 def transfer_digits_flow(
     root: str, spec: TransferDigits, counts: list[int | None]
 ) -> dict[str, Any]:
@@ -151,7 +151,7 @@ class Runner:
         )
 
 
-@flow(name="transfer-study", flow_run_name="transfer study -> {config.root}")
+@flow(name="transfer-study", flow_run_name=run_name("transfer study -> {config.root}"))
 def transfer_flow(config: TransferStudyConfig) -> dict[str, Any]:
     """The whole study; returns the report's URLs and the recommendation."""
     log = get_run_logger()
@@ -255,8 +255,11 @@ def transfer_flow(config: TransferStudyConfig) -> dict[str, Any]:
         storage.read_bytes(report["markdown"]).decode(),
         "transfer-report",
         f"Transfer study: recommendation for `{c.target}`",
+        location=root,
     )
-    publish_table(validation["summary"], "p2l-validation", "P2L vs largest vs closest")
+    publish_table(
+        validation["summary"], "p2l-validation", "P2L vs largest vs closest", location=root
+    )
     return report
 
 

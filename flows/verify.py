@@ -13,9 +13,11 @@ def verify(
 ) -> None:
     """Check shards before a GPU stage; quarantine those that fail and name them."""
     from cvpipe.data.integrity import VerifyConfig
-    from flows.cli import parse_config, print_summary, run_flow
+    from flows import preflight
+    from flows.cli import check, parse_config, print_summary, run_flow
     from flows.ingest import verify_flow
 
+    check(preflight.Checks(inputs={"SHARDS": shards}))
     config = parse_config(VerifyConfig, shards=shards, quarantine=quarantine)
     summary = run_flow(verify_flow, config)
     print_summary({k: v for k, v in summary.items() if k != "failures"}, "verify")

@@ -25,6 +25,8 @@ from prefect.futures import PrefectFuture, as_completed
 from pydantic import BaseModel, ValidationError
 
 from cvpipe.core.stage import PermanentError, Stage, Unit, cached_stage, run_unit
+from tasks import progress as terminal
+from tasks.artifacts import artifact_key
 
 PROGRESS_EVERY_S = 3.0  # the UI's progress artifact moves at most this often
 
@@ -102,6 +104,15 @@ class UnitsFailed(RuntimeError):
         self.failures = failures
 
 
+def progress_artifact_key(what: str, config: BaseModel) -> str:
+    """``progress-<what>-<hash of the output location>``: runs into different places
+    keep their own progress artifacts."""
+    location = getattr(config, "out", None) or getattr(config, "root", None)
+    if not isinstance(location, str):
+        location = repr(config)
+    return artifact_key("progress", what, location=location)
+
+
 def run_units(
     stage: Stage | type[Stage],
     units: Sequence[Unit] | None = None,
@@ -121,7 +132,9 @@ def run_units(
       of the units, at least 1) or at the first permanent error, so a bad checkpoint
       does not burn the whole partition; the units in flight finish first.
     - A progress artifact in the UI moves at most every few seconds, and the log gets a
-      line per ~5% of the units.
+      line per ~5% of the units; the artifact's key is ``progress_key``, else one made
+      of ``what`` and the stage's output location (its config's ``out`` or ``root``).
+    - In a terminal (the ``cvpipe`` command) a bar shows units done, images/s and ETA.
     """
     if isinstance(stage, type):
         if config is None:
@@ -140,7 +153,9 @@ def run_units(
     max_failures = max(1, total // 10) if max_failures is None else max_failures
     task_ = unit_task(stage_cls)
     progress = create_progress_artifact(
-        progress=0.0, key=progress_key, description=f"{what}: 0/{total} units"
+        progress=0.0,
+        key=progress_key or progress_artifact_key(what, stage_config),
+        description=f"{what}: 0/{total} units",
     )
     log_every = max(1, total // 20)
     results: list[Any] = [None] * total
@@ -151,29 +166,33 @@ def run_units(
     def stop_submitting() -> bool:
         return len(failures) > max_failures or any(is_permanent(e) for _, e in failures)
 
-    while (next_unit < total and not stop_submitting()) or pending:
-        while next_unit < total and len(pending) < max_in_flight and not stop_submitting():
-            unit = units[next_unit]
-            pending[task_.submit(stage_cls, stage_config, unit)] = next_unit
-            next_unit += 1
-        future = next(as_completed(list(pending)))
-        i = pending.pop(future)
-        try:
-            results[i] = future.result()
-        except Exception as e:  # collected; raised once the units in flight are done
-            failures.append((units[i].name, e))
-            logger.error("%s: unit %s failed: %s: %s", what, units[i].name, type(e).__name__, e)
-        done += 1
-        if done % log_every == 0 or done == total:
-            note = f" ({describe(results[i])})" if describe and results[i] is not None else ""
-            logger.info("%s: %d/%d units done%s", what, done, total, note)
-        now = time.monotonic()
-        if now - last_update >= PROGRESS_EVERY_S or done == total or not pending:
-            update_progress_artifact(
-                progress, progress=100.0 * done / total,
-                description=f"{what}: {done}/{total} units",
-            )  # fmt: skip
-            last_update = now
+    with terminal.stage_bar(what, total) as bar:
+        while (next_unit < total and not stop_submitting()) or pending:
+            while next_unit < total and len(pending) < max_in_flight and not stop_submitting():
+                unit = units[next_unit]
+                pending[task_.submit(stage_cls, stage_config, unit)] = next_unit
+                next_unit += 1
+            future = next(as_completed(list(pending)))
+            i = pending.pop(future)
+            try:
+                results[i] = future.result()
+            except Exception as e:  # collected; raised once the units in flight are done
+                failures.append((units[i].name, e))
+                logger.error("%s: unit %s failed: %s: %s", what, units[i].name,
+                             type(e).__name__, e)  # fmt: skip
+            done += 1
+            bar.advance(results[i])
+            if done % log_every == 0 or done == total:
+                note = f" ({describe(results[i])})" if describe and results[i] is not None else ""
+                logger.info("%s: %d/%d units done%s", what, done, total, note,
+                            extra={terminal.SHOWN: True})  # fmt: skip
+            now = time.monotonic()
+            if now - last_update >= PROGRESS_EVERY_S or done == total:
+                update_progress_artifact(
+                    progress, progress=100.0 * done / total,
+                    description=f"{what}: {done}/{total} units",
+                )  # fmt: skip
+                last_update = now
     if failures:
         raise UnitsFailed(what, failures, total, total - next_unit) from failures[0][1]
     return results

@@ -8,9 +8,11 @@ from typing import Any
 
 from cvpipe.core.stage import Stage
 from cvpipe.learn.config import TrainConfig
+from cvpipe.learn.resume import curves_url
 from cvpipe.learn.stages import EvalJob, EvaluateStage, TrainJob, TrainResult, TrainStage
 from cvpipe.learn.tasks import TrainTask
 from cvpipe.learn.training import EvalResult
+from tasks.artifacts import publish_table
 from tasks.stage import unit_task
 
 
@@ -21,8 +23,21 @@ def run_single(stage: Stage) -> Any:
 
 
 def train_run(job: TrainJob) -> TrainResult:
-    """One training run of any task (skipped when committed, resumed after a crash)."""
-    return run_single(TrainStage(job))
+    """One training run of any task (skipped when committed, resumed after a crash);
+    its loss and metric curves go to the UI as a table (the PNG is ``curves.png``)."""
+    result = run_single(TrainStage(job))
+    if result.metrics:
+        publish_table(
+            [{k: _rounded(v) for k, v in r.items()} for r in result.metrics],
+            "training-curves",
+            f"Loss and metrics per epoch of `{result.checkpoint}` (plot: `{curves_url(job.out)}`)",
+            location=job.out,
+        )
+    return result
+
+
+def _rounded(v: Any) -> Any:
+    return round(v, 5) if isinstance(v, float) else v
 
 
 def train(
@@ -52,4 +67,12 @@ def evaluate(
     job = EvalJob(
         checkpoint=checkpoint, shards=list(urls), out=out, device=device, cpu_threads=threads
     )
-    return run_single(EvaluateStage(job))
+    result = run_single(EvaluateStage(job))
+    publish_table(
+        [{k: _rounded(v) for k, v in r.items()} for r in result.per_class_table().to_pylist()],
+        "per-class-accuracy",
+        f"Per-class accuracy of `{checkpoint}` on {result.n} images "
+        f"(top-1 {result.top1:.4f}, top-5 {result.top5:.4f})",
+        location=out,
+    )
+    return result

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,8 @@ from cvpipe.data.datasets import export_digits
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("PREFECT_LOGGING_TO_API_ENABLED", "false")
+# The cvpipe command's log files (flows/terminal.py) go to a temp folder, not ~/.cache.
+os.environ.setdefault("CVPIPE_LOG_DIR", tempfile.mkdtemp(prefix="cvpipe-test-logs-"))
 
 
 def ingest_folder(source: str, root: str, partition: str, name: str, shard_size: int) -> list[str]:
@@ -117,3 +121,42 @@ def random_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
     info = models.ModelInfo("small_cnn", [str(i) for i in range(10)], 16, (0.5,) * 3, (0.5,) * 3)
     models.save_checkpoint(models.build("small_cnn", 10), info, url)
     return url
+
+
+# Processes a test may start (directly or through a library); none may outlive the session.
+LEAK_MARKERS = ("prefect.server", "uvicorn", "moto", "raylet", "gcs_server", "ray::",
+                "dask", "distributed", "flows.cli")  # fmt: skip
+
+
+def _cmdline(p) -> str:
+    import psutil
+
+    try:
+        return " ".join(p.cmdline())
+    except psutil.Error:
+        return ""
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run if a Prefect server, moto, Ray, Dask or cvpipe process started under
+    it is still alive once every test and fixture is done (and stop it)."""
+    import psutil
+
+    suspects = [
+        p
+        for p in psutil.Process().children(recursive=True)
+        if any(m in _cmdline(p) for m in LEAK_MARKERS)
+    ]
+    _, alive = psutil.wait_procs(suspects, timeout=15)
+    if not alive:
+        return
+    lines = [f"{p.pid}: {_cmdline(p)[:200]}" for p in alive]
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    message = "processes left behind by the tests (now killed):\n  " + "\n  ".join(lines)
+    if reporter is not None:
+        reporter.ensure_newline()
+        reporter.write_line(message, red=True)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED

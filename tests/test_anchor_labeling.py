@@ -4,9 +4,12 @@ file per features file, reruns write nothing, real features of the bundled digit
 from __future__ import annotations
 
 import os
+import threading
+from collections import Counter
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from anchor_helpers import (
     NAMES,
@@ -14,6 +17,7 @@ from anchor_helpers import (
     make_features_dir,
     np_cosine,
     read_labels,
+    ref_nearest,
     write_features,
 )
 
@@ -21,6 +25,7 @@ from cvpipe import models
 from cvpipe.core import tables
 from cvpipe.core.storage import list_committed
 from cvpipe.data.shards import shard_id
+from cvpipe.label import anchor_labeling
 from cvpipe.label import anchors as an
 
 
@@ -175,6 +180,105 @@ def test_label_counts_of_a_labels_file(tmp_path):
     res = an.label_file(urls[0], anchors_url, str(tmp_path / "o.parquet"), "nearest")
     c = an.label_counts(res.out)
     assert sum(c.values()) == 30 and set(c) <= set(NAMES)
+
+
+# ------------------------------------------------- the fast path against the reference
+
+
+def tie_features(tmp_path, rows=500, dim=16, seed=4):
+    """Anchors with a duplicate and small-integer features (exact ties everywhere),
+    Gaussian rows between them and zero vectors; one features file."""
+    rng = np.random.default_rng(seed)
+    vecs = rng.integers(0, 3, size=(5, dim)).astype(np.float64)
+    vecs[3] = vecs[1]  # "tool" is "food": every image ties the two
+    anchors_url = make_anchors(str(tmp_path / "a.parquet"), vecs)
+    emb = rng.integers(0, 3, size=(rows, dim)).astype(np.float32)
+    emb[1::3] = rng.normal(size=(len(emb[1::3]), dim))
+    emb[::11] = 0
+    url = str(tmp_path / "features" / "day1" / "part-000000.parquet")
+    keys = [f"day1/img-{j:05d}" for j in range(rows)]
+    write_features(url, keys, "day1/part-000000", emb)
+    return url, anchors_url, emb, keys
+
+
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+@pytest.mark.parametrize(
+    "method,n,ordered",
+    [("nearest", 1, True), ("nearest", 3, True), ("nearest", 2, False), ("cfa", 1, True)],
+)
+def test_labels_file_equals_the_reference_path_bit_for_bit(
+    tmp_path, monkeypatch, metric, method, n, ordered
+):
+    """The streamed labeler (memory-mapped reads, top-k picked on the transposed
+    distances, label codes without a sort, rows encoded and written in row groups by a
+    thread) against the reference path on the same batches: the full distance matrix,
+    a stable sort of each row, the in-memory labelers and brute force."""
+    monkeypatch.setattr(anchor_labeling, "ROW_GROUP_ROWS", 64)  # several row groups
+    url, anchors_url, emb, keys = tie_features(tmp_path)
+    names, mat, _ = an.read_anchors(anchors_url)
+    res = an.label_file(
+        url, anchors_url, str(tmp_path / "o.parquet"), method,
+        n=n, ordered=ordered, metric=metric, batch_rows=37,
+    )  # fmt: skip
+    # The product's last bits depend on the rows multiplied together: same batches here.
+    dists = [an.anchor_distances(emb[i : i + 37], mat, metric) for i in range(0, len(emb), 37)]
+    if method == "nearest":
+        ref = [an.nearest_labels(d, names, n, ordered) for d in dists]
+        brute = sum((ref_nearest(d, names, n, ordered) for d in dists), [])
+    else:
+        ref = [an.cfa_labels(d, names) for d in dists]
+        brute = sum((r.labels for r in ref), [])
+    labels = sum((r.labels for r in ref), [])
+    assert labels == brute
+
+    got = tables.read_parquet(res.out)
+    assert got.schema.remove_metadata() == tables.ANCHOR_LABELS
+    assert pq.ParquetFile(res.out).metadata.num_row_groups > 1
+    assert got.column("key").to_pylist() == keys
+    assert set(got.column("shard").to_pylist()) == {"day1/part-000000"}
+    assert set(got.column("method").to_pylist()) == {an.method_tag(method, n, ordered)}
+    assert got.column("label").to_pylist() == labels
+    expect_anchors = np.concatenate([r.anchors for r in ref])
+    assert got.column("anchors").to_pylist() == [[names[j] for j in a] for a in expect_anchors]
+    k = expect_anchors.shape[1]
+    dist = got.column("distances").combine_chunks().flatten().to_numpy().reshape(-1, k)
+    expect = np.concatenate([r.distances for r in ref]).astype(np.float32)
+    assert np.array_equal(dist.view(np.int32), expect.view(np.int32))  # bit for bit
+    assert res.counts == dict(sorted(Counter(labels).items())) and res.rows == len(keys)
+    if method == "nearest" and metric == "cosine":
+        zero = got.slice(0, 1).to_pylist()[0]  # row 0 is a zero vector: 1 to every anchor
+        assert zero["anchors"][0] == names[0] and zero["distances"][0] == 1.0
+
+
+def test_an_error_in_either_thread_leaves_no_labels_file_and_no_thread(tmp_path, monkeypatch):
+    url, anchors_url, emb, keys = tie_features(tmp_path, rows=400)
+    out = str(tmp_path / "o.parquet")
+    threads = threading.active_count()
+    # The labeling thread: a vector in the fourth batch gives NaN distances.
+    bad = str(tmp_path / "bad" / "part-000000.parquet")
+    nan = emb.copy()
+    nan[200, 3] = np.nan
+    write_features(bad, keys, "day1/part-000000", nan)
+    with pytest.raises(ValueError, match="1 vector.* NaN distances"):
+        an.label_file(bad, anchors_url, out, "nearest", batch_rows=64)
+    assert not os.path.exists(out) and threading.active_count() == threads
+    # The writer thread: encoding the third row group fails; the error reaches the caller.
+    monkeypatch.setattr(anchor_labeling, "ROW_GROUP_ROWS", 64)
+    real, calls = anchor_labeling.labels_table, []
+
+    def failing(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("encoder broke")
+        return real(*args)
+
+    monkeypatch.setattr(anchor_labeling, "labels_table", failing)
+    with pytest.raises(RuntimeError, match="encoder broke"):
+        an.label_file(url, anchors_url, out, "nearest", batch_rows=64)
+    assert not os.path.exists(out) and threading.active_count() == threads
+    assert sorted(os.listdir(tmp_path)) == ["a.parquet", "bad", "features"]  # no temp file
+    monkeypatch.undo()
+    assert an.label_file(url, anchors_url, out, "nearest", batch_rows=64).rows == 400
 
 
 # ------------------------------------------------------- end to end on real features

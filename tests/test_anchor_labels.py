@@ -11,6 +11,7 @@ import pytest
 from anchor_helpers import NAMES, random_dist, ref_nearest, ref_order, tie_dist
 
 from cvpipe.label import anchors as an
+from cvpipe.label.anchor_labels import _encode, concat_labels
 
 
 @pytest.mark.parametrize("make", [random_dist, tie_dist], ids=["random", "ties"])
@@ -24,6 +25,36 @@ def test_nearest_equals_brute_force(make, n, ordered):
         ref = ref_order(row)[:n]
         assert lab.anchors[i].tolist() == ref  # distance order even when unordered
         assert lab.distances[i].tolist() == [row[j] for j in ref]
+
+
+@pytest.mark.parametrize("base,k", [(5, 1), (16, 3), (300, 1), (300, 2)])
+def test_label_codes_are_the_sorted_distinct_labels(base, k):
+    """Codes come from a table over the code space when it is small (16^3) and from a
+    sort when it is not (300^2 > 65,536): the same vocab, in code order, either way."""
+    rng = np.random.default_rng(base + k)
+    parts = rng.integers(0, base, size=(3000, k))
+    parts[:10] = parts[10]  # repeats
+    names = [f"a{i:03d}" for i in range(base)]  # fixed width: name order is index order
+    vocab, codes = _encode(parts, base, names, ">")
+    expect = [">".join(names[j] for j in row) for row in parts.tolist()]
+    assert [vocab[c] for c in codes.tolist()] == expect
+    assert vocab == sorted(set(expect)) and codes.dtype == np.int64
+
+
+def test_concatenated_batches_keep_every_label_anchor_and_distance():
+    parts = [
+        an.nearest_labels(make(seed), NAMES, n=2)
+        for make, seed in ((random_dist, 1), (tie_dist, 2), (random_dist, 3))
+    ]
+    parts.append(an.random_labels([f"k{i}" for i in range(7)], 3))  # no anchors: k = 0
+    one = concat_labels(parts[:3])
+    assert one.labels == sum((p.labels for p in parts[:3]), [])
+    assert one.vocab == sorted(set(one.vocab)) and len(one) == 1200
+    assert np.array_equal(one.anchors, np.concatenate([p.anchors for p in parts[:3]]))
+    assert np.array_equal(one.distances, np.concatenate([p.distances for p in parts[:3]]))
+    assert concat_labels(parts[3:]) is parts[3]
+    both = concat_labels([parts[3], parts[3]])
+    assert both.labels == parts[3].labels * 2 and both.anchors.shape == (14, 0)
 
 
 def test_ties_break_by_anchor_index():

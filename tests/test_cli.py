@@ -130,3 +130,10 @@ def test_a_field_added_to_a_config_is_on_the_cli_without_touching_it() -> None:
     result = runner.invoke(app, ["go", "x", "--new-knob", "0.25"])
     assert result.exit_code == 0, result.output
     assert seen[0].new_knob == 0.25
+
+
+def test_train_and_finetune_take_shards_as_their_argument() -> None:
+    for name in ("train", "finetune"):
+        cmd = typer.main.get_command(cli.app).commands[name]
+        args = [p for p in cmd.params if not p.opts[0].startswith("-")]
+        assert [p.name for p in args] == ["shards"] and args[0].required

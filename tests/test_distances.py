@@ -9,9 +9,12 @@ import pytest
 from anchor_helpers import np_cosine, np_l2, ref_order, tie_dist
 
 from cvpipe.label import anchors as an
+from cvpipe.label.distances import SMALL_K
 
 
-@pytest.mark.parametrize("k", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize(
+    "k", [1, 2, 3, 4, 5, 6, 7]
+)  # picked one by one up to SMALL_K, sorted past it
 def test_top_k_equals_brute_force_with_ties(k):
     dist = tie_dist(k, a=7)
     order, d = an.top_k(dist, k)
@@ -81,3 +84,55 @@ def test_kl_with_zeros_is_finite_and_matches_definition():
     assert an.kl_matrix(q, q).diagonal() == pytest.approx(0, abs=1e-6)
     with pytest.raises(ValueError):
         an.kl_matrix(p, q, eps=0)
+
+
+def test_top_k_picks_equal_a_stable_sort_on_random_data_with_ties_infinities_and_zeros():
+    rng = np.random.default_rng(3)
+    for trial in range(200):
+        n, a = int(rng.integers(1, 40)), int(rng.integers(1, 12))
+        if trial % 2:
+            dist = rng.integers(0, 3, size=(n, a)).astype(np.float32)  # exact ties
+        else:
+            dist = rng.random((n, a), dtype=np.float32)
+        dist[rng.random((n, a)) < 0.15] = np.inf  # several infinite distances in a row
+        dist[rng.random((n, a)) < 0.1] = -0.0
+        before = dist.copy()
+        for k in range(1, min(a, SMALL_K) + 1):
+            order, d = an.top_k(dist, k)
+            expect = np.argsort(dist, axis=1, kind="stable")[:, :k]
+            assert np.array_equal(order, expect), (trial, k)
+            # the distances of the picked anchors, bit for bit (-0.0 stays -0.0)
+            picked = np.take_along_axis(dist, expect, axis=1)
+            assert np.array_equal(d.view(np.int32), picked.view(np.int32))
+        assert np.array_equal(dist, before)  # the input is left alone
+
+
+def test_top_k_ranks_nan_last_and_rank_refuses_nan():
+    dist = np.array([[0.5, np.nan, 0.1], [np.nan, np.nan, 0.2]], np.float32)
+    order, d = an.top_k(dist, 2)
+    assert order.tolist() == [[2, 0], [2, 0]]
+    assert d[0].tolist() == [pytest.approx(0.1), 0.5] and np.isnan(d[1, 1])
+    x = np.array([[1, np.nan], [1, 0]], np.float32)
+    with pytest.raises(ValueError, match="1 vector.* NaN"):
+        an.AnchorIndex(np.eye(2, dtype=np.float32)).rank(x, 1)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+def test_rank_equals_the_reference_ranking_bit_for_bit(metric):
+    """The index's ranking (picks for small k) against the reference: the full distance
+    matrix sorted by (distance, index); zero vectors and duplicated anchors included."""
+    rng = np.random.default_rng(5)
+    a = rng.integers(0, 3, size=(9, 16)).astype(np.float32)
+    a[4] = a[1]  # a duplicated anchor: exact ties everywhere
+    x = rng.integers(0, 3, size=(3000, 16)).astype(np.float32)
+    x[1::5] = rng.normal(size=(len(x[1::5]), 16))
+    x[::7] = 0  # zero vectors: cosine distance 1 to every anchor
+    index = an.AnchorIndex(a, metric)
+    ref_order, ref_d = an.rank_anchors(index.distances(x))
+    for k in (1, 2, 3, SMALL_K, SMALL_K + 1, None):
+        order, d = index.rank(x, k)
+        kk = 9 if k is None else k
+        assert np.array_equal(order, ref_order[:, :kk]), k
+        assert np.array_equal(d.view(np.int32), ref_d[:, :kk].view(np.int32)), k
+    if metric == "cosine":
+        assert (index.rank(x[::7], 1)[0] == 0).all()

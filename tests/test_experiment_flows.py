@@ -4,11 +4,31 @@ import csv
 import io
 
 import pytest
+from rich.console import Console
 
 from cvpipe import models
 from cvpipe.core import storage, tables
 from cvpipe.data import shards
 from cvpipe.experiments.config import AnchorTransferConfig, SemiSupervisedConfig
+from tasks import progress
+from tasks.artifacts import artifact_key
+
+
+def _artifact_keys(*keys: str) -> set[str]:
+    """Which of ``keys`` the API holds artifacts under."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    async def read() -> set[str]:
+        async with get_client() as client:
+            found = await client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=list(keys)))
+            )
+            return {a.key for a in found}
+
+    return run_coro_as_sync(read())
+
 
 TINY = {
     "arch": "small_cnn",
@@ -39,7 +59,12 @@ def test_semi_supervised_flow_wires_every_stage(prefect_harness, tmp_path):
         sweep_top_k=[10],
         sweep_unlabeled_fraction=[0.5],
     )
-    out = semi_supervised_flow(config)
+    terminal = io.StringIO()
+    progress.enable(Console(file=terminal, width=150))
+    try:
+        out = semi_supervised_flow(config)
+    finally:
+        progress.enable(None)
     results = tables.read_parquet(f"{root}/results.parquet").to_pylist()
     assert sorted(r["method"] for r in results) == sorted(
         ["teacher", "supervised", "student_pretrained", "student_finetuned"]
@@ -49,14 +74,30 @@ def test_semi_supervised_flow_wires_every_stage(prefect_harness, tmp_path):
     runs = tables.read_parquet(f"{root}/runs.parquet").to_pylist()
     settings = {(r["top_k"], r["unlabeled_fraction"]) for r in runs}
     assert settings == {(20, 1.0), (10, 1.0), (20, 0.5)}
-    for name in ("sweep_top_k", "sweep_unlabeled"):
+    for name in ("sweep_top_k", "sweep_unlabeled", "results_per_seed"):
         assert storage.read_bytes(f"{root}/{name}.png")[:4] == b"\x89PNG"
+    # What a person sees: phase headers and a bar per stage in the terminal; in the UI
+    # the results (a table that renders: |D| escaped) and the teacher's curves, keyed
+    # by where they were written.
+    shown = terminal.getvalue()
+    for phase in ("seed 1/1: teacher", "seed 1/1: teacher inference on U",
+                  "seed 1/1: student (K=20, 100% of U)", "infer", "units"):  # fmt: skip
+        assert phase in shown, phase
+    assert "\\|D\\|" in storage.read_bytes(f"{root}/results.md").decode()
 
     # The wiring: D^ was selected by this teacher, the student pretrained on D^, the
     # fine-tuned student started from that student.
     seed_dir = f"{root}/seed-0"
     teacher = storage.list_committed(seed_dir, "final.pt", recursive=True)[0]
     assert teacher.endswith(f"teacher-{tables.config_hash(config.teacher)[:8]}/final.pt")
+    teacher_dir = teacher.rsplit("/", 1)[0]
+    assert storage.read_bytes(f"{teacher_dir}/curves.png")[:4] == b"\x89PNG"
+    wanted = [
+        artifact_key("semi-supervised-results", location=root),
+        artifact_key("training-curves", location=teacher_dir),
+        artifact_key("per-class-accuracy", location=f"{teacher_dir}/eval"),
+    ]
+    assert _artifact_keys(*wanted) == set(wanted)
     variant = teacher.rsplit("/", 1)[0] + "/p1-k20-u1"
     pseudo = storage.expand_urls(f"{variant}/pseudo/shards", ".tar")
     samples = [s for u in pseudo for s in shards.read_shard_samples(u, decode=False)[0]]

@@ -66,6 +66,24 @@ def test_each_batch_owns_its_matrix(tmp_path):
     assert np.array_equal(ft.read_matrix(url), mat)
 
 
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_mapped_batches_are_read_only_views_equal_to_the_copies(tmp_path, prefetch):
+    url = str(tmp_path / "f.parquet")
+    keys, mat = make(url, 1000, dim=12)  # 48-byte rows: batches start inside pages
+    mapped = list(ft.iter_features(url, batch_rows=77, prefetch=prefetch, copy=False))
+    assert [len(b.matrix) for b in mapped] == [77] * 12 + [76]
+    assert all(not b.matrix.flags.writeable and b.matrix.flags.c_contiguous for b in mapped)
+    assert all(b.matrix.dtype == np.float32 for b in mapped)
+    # Every batch stays valid after the reader is done, and equals the copied rows.
+    assert np.array_equal(np.concatenate([b.matrix for b in mapped]), mat)
+    assert sum((b.keys.to_pylist() for b in mapped), []) == keys
+    with pytest.raises(ValueError, match="read-only"):
+        mapped[0].matrix[0, 0] = 1
+    _, _, bare = read_all(url, batch_rows=300, with_keys=False, copy=False)
+    assert np.array_equal(bare, mat)
+    assert np.array_equal(ft.read_matrix(url), mat)  # the file is untouched
+
+
 def test_a_folder_reads_files_in_order_and_batches_never_span_files(tmp_path):
     root = tmp_path / "features"
     expect_keys, expect = [], []
@@ -120,6 +138,8 @@ def test_bad_files_give_clear_errors(tmp_path):
         f.truncate(os.path.getsize(ft.matrix_url(url)) - 8)
     with pytest.raises(ValueError, match="truncated matrix"):
         list(ft.iter_features(url, batch_rows=4))
+    with pytest.raises(ValueError, match="truncated matrix"):  # not a fault on a mapped page
+        list(ft.iter_features(url, batch_rows=4, copy=False))
     os.remove(ft.matrix_url(url))
     with pytest.raises(FileNotFoundError, match="its matrix .* is missing"):
         list(ft.iter_features(url))
@@ -183,6 +203,10 @@ def test_commit_protocol_on_s3(s3_root):
     ]
     got_keys, _, got = read_all(root, batch_rows=64)
     assert got_keys == keys and np.array_equal(got, mat)
+    # copy=False maps local files only: object stores still read into owned copies.
+    batches = list(ft.iter_features(root, batch_rows=64, copy=False))
+    assert all(b.matrix.flags.writeable for b in batches)
+    assert np.array_equal(np.concatenate([b.matrix for b in batches]), mat)
     assert ft.features_info(url).lineage["model_id"] == "m1"
     # A writer killed after publishing the matrix of a second file but before its keys:
     # only committed keys files are listed, so readers never see the half-written unit.

@@ -101,7 +101,7 @@ def test_manifest_with_captions_boxes_and_bad_rows(tmp_path, fmt):
             "image": "img/a.jpg",
             "caption": "a #cat on a mat",
             "label": "cat",
-            "boxes": json.dumps([[1, 2, 5, 6]]),
+            "boxes": json.dumps([{"bbox": [1, 2, 5, 6], "label": "cat"}]),
             "hashtags": json.dumps(["cat", "mat"]),
         },
         {"image": "img/b.png", "caption": None, "label": None, "boxes": None, "hashtags": None},
@@ -117,7 +117,7 @@ def test_manifest_with_captions_boxes_and_bad_rows(tmp_path, fmt):
             "image": "img/c.jpg",
             "caption": None,
             "label": None,
-            "boxes": json.dumps([[5, 5, 1, 1]]),
+            "boxes": json.dumps([{"bbox": [5, 5, 1, 1], "label": "cat"}]),
             "hashtags": None,
         },
     ]
@@ -135,12 +135,16 @@ def test_manifest_with_captions_boxes_and_bad_rows(tmp_path, fmt):
     urls = ingest_folder(str(manifest), root, "m", "man", 10)
     (url,) = urls
     samples, _ = shards.read_shard_samples(url)
-    assert [s.meta["source"] for s in samples] == ["img/a.jpg", "img/b.png"]
+    # c.jpg's only box is inverted: the box is dropped (a reject row), the image kept.
+    assert [s.meta["source"] for s in samples] == ["img/a.jpg", "img/b.png", "img/c.jpg"]
     a = samples[0].meta
     assert a["caption"] == "a #cat on a mat" and a["label"] == "cat"
-    assert a["boxes"] == [[1, 2, 5, 6]] and a["hashtags"] == ["cat", "mat"]
+    assert a["boxes"] == [{"bbox": [1.0, 2.0, 5.0, 6.0], "label": "cat"}]
+    assert a["hashtags"] == ["cat", "mat"] and samples[2].meta["boxes"] == []
     rejects = tables.read_parquet(storage.list_committed(f"{root}/rejects", recursive=True)[0])
-    assert rejects.column("reason").to_pylist() == ["missing_file", "duplicate_key", "bad_metadata"]
+    assert rejects.column("reason").to_pylist() == [
+        "missing_file", "duplicate_key", "box_negative_size"
+    ]  # fmt: skip
 
 
 def test_manifest_without_image_column_is_a_clear_error(tmp_path):

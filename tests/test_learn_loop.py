@@ -226,11 +226,14 @@ def test_the_training_modules_import_no_matplotlib():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the bf16/channels_last path needs CUDA")
 def test_cuda_run_uses_bf16_and_leaves_cudnn_flags_alone(digits_shards, tmp_path):
     before = torch.backends.cudnn.benchmark
-    cfg = tiny(epochs=2, device="cuda")
+    # 10 epochs: 2 left validation at chance (0.10 on CPU too), so "it learned" could
+    # not be told apart from "it ran".
+    cfg = tiny(epochs=10, device="cuda")
     ckpt = training.train(cfg, digits_shards["labeled"], str(tmp_path), digits_shards["test"])
     assert torch.backends.cudnn.benchmark == before
     rows = tables.read_parquet(training.metrics_url(str(tmp_path))).to_pylist()
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
-    assert rows[-1]["top1"] > 0.1
+    val = [r for r in rows if r["split"] == "val"][-1]
+    assert val["top1"] > 0.5  # 0.82 on CPU with the same seed
     res = training.evaluate(ckpt, digits_shards["test"], device="cuda")
-    assert res.top1 == pytest.approx(rows[-1]["top1"], abs=0.02)  # bf16 vs bf16: near
+    assert res.top1 == pytest.approx(val["top1"], abs=0.02)  # bf16 vs bf16: near

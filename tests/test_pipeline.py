@@ -63,19 +63,22 @@ def test_pipeline_runs_the_dag_and_a_rerun_writes_nothing(prefect_harness, tmp_p
     assert _files(root) == before, "a rerun of a finished pipeline wrote files"
     assert again["finetuned"]["top1"] == out["finetuned"]["top1"]
 
-    # Only inference and selection for a new partition: the rest reads what is committed.
+    # Only ingest, inference and selection of a new partition: the teacher is read back.
     day2 = config.model_copy(update={"partition": "day2"})
     only = pipeline_flow(day2, stages=["ingest", "infer", "select"])
     assert storage.list_committed(storage.join(layout.infer_dir, "predictions", "day2"), ".parquet")
-    assert only["student"]["checkpoint"] == out["student"]["checkpoint"]
+    assert only["selection"] == out["selection"] and "student" not in only  # stops at select
+    assert only["teacher"]["checkpoint"] == out["teacher"]["checkpoint"]  # read, not retrained
 
 
 def test_an_off_stage_without_committed_outputs_is_a_clear_error(prefect_harness, tmp_path):
     from flows.pipeline import pipeline_flow
 
     config = _config(str(tmp_path / "root"))
+    only_data = pipeline_flow(config, stages=["ingest"])  # stops after the data
+    assert "teacher" not in only_data and storage.is_committed(only_data["report"])
     with pytest.raises(ValueError, match="stage 'teacher' is off"):
-        pipeline_flow(config, stages=["ingest"])
+        pipeline_flow(config, stages=["infer"])
     with pytest.raises(ValueError, match="unknown stage"):
         pipeline_flow(config, stages=["teleport"])
 

@@ -30,7 +30,7 @@ def test_retry_rejects_reingests_only_what_a_retry_can_fix(prefect_harness, tmp_
     with http_files(files, failing, delays) as url:
         manifest = tmp_path / "m.jsonl"
         rows = [{"image": f"{url}/{n}"} for n in "abcd"]
-        rows += [{"image": f"{url}/status/404"}, {"image": f"{url}/e", "boxes": [[3, 3, 1, 1]]}]
+        rows += [{"image": f"{url}/status/404"}, {"image": f"{url}/e", "hashtags": "not a list"}]
         manifest.write_text("\n".join(json.dumps(r) for r in rows))
         root = str(tmp_path / "root")
         cfg = IngestConfig(source=str(manifest), root=root, partition="p", name="web",

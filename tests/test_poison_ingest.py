@@ -24,6 +24,7 @@ from netfaults import http_files, silent_server
 
 from cvpipe.core import storage, tables
 from cvpipe.data import images, ingest, shards
+from cvpipe.data.boxes import REASONS as BOX_REASONS
 from cvpipe.data.config import IngestConfig
 from cvpipe.data.plan import skipped_url
 
@@ -44,6 +45,7 @@ class Result:
         self.plan_rows = plan.num_rows
         self.stats = stats
         self.samples, self.rejects, self.details = {}, {}, {}
+        self.dropped_boxes: dict[str, str] = {}
         for url in storage.list_committed(storage.join(root, "shards", partition), ".tar"):
             for item in shards.iter_shard(url):  # every written sample must be readable
                 if isinstance(item, shards.Sample):
@@ -52,6 +54,9 @@ class Result:
                     self.rejects[f"READ {item.key}"] = item.reason
         for url in storage.list_committed(storage.join(root, "rejects", "ingest"), recursive=True):
             for r in tables.read_parquet(url).to_pylist():
+                if r["reason"] in BOX_REASONS:  # a dropped box of a written image
+                    self.dropped_boxes[source_of[r["key"]]] = r["reason"]
+                    continue
                 self.rejects[source_of[r["key"]]] = r["reason"]
                 self.details[source_of[r["key"]]] = r["detail"]
         for s in stats:  # exact accounting, shard by shard
@@ -263,15 +268,25 @@ def test_each_bad_value_is_its_own_reject_with_a_precise_reason(tmp_path):
         "list caption": {"caption": ["a"]},
         "non-string hashtag": {"hashtags": ["ok", 3]},
         "hashtags not a list": {"hashtags": "cat"},
-        "inverted box": {"boxes": [[5, 5, 1, 1]]},
-        "short box": {"boxes": [[1, 2, 3]]},
-        "string box": {"boxes": [["1", 2, 3, 4]]},
+        "boxes not a list": {"boxes": {"bbox": [1, 2, 3, 4]}},
     }
     for i, (what, fields) in enumerate(cases.items()):
         m = tmp_path / f"m{i}.jsonl"
         m.write_text(json.dumps({"image": "img/a.jpg", **fields}) + "\n")
         r = run_ingest(m, tmp_path / f"run{i}")
         assert r.rejects == {"img/a.jpg": "bad_metadata"}, what
+    # A bad box costs the box, not the image: written without it, the reason recorded.
+    boxes = {
+        "inverted box": ([5, 5, 1, 1], "box_negative_size"),
+        "short box": ([1, 2, 3], "box_malformed"),
+        "string box": (["1", 2, 3, 4], "box_malformed"),
+    }
+    for i, (what, (bbox, reason)) in enumerate(boxes.items()):
+        m = tmp_path / f"b{i}.jsonl"
+        m.write_text(json.dumps({"image": "img/a.jpg", "boxes": [{"bbox": bbox, "label": "x"}]}))
+        r = run_ingest(m, tmp_path / f"box{i}")
+        assert r.rejects == {} and r.samples["img/a.jpg"].meta["boxes"] == [], what
+        assert r.dropped_boxes == {"img/a.jpg": reason}, what
     m = tmp_path / "inf.jsonl"
     m.write_text('{"image": "img/a.jpg", "boxes": [[0, 0, Infinity, 4]]}\n')
     assert run_ingest(m, tmp_path / "inf").rejects == {"inf.jsonl:1": "bad_manifest_row"}

@@ -367,6 +367,177 @@ SHARD_CHECKS = pa.schema(
     ]
 )
 
+# The FAISS index of embeddings (cvpipe/index/).
+
+# The id map of one added part of an index: FAISS row id -> the sample it holds.
+INDEX_IDS = pa.schema(
+    [
+        ("id", pa.int64()),
+        ("key", pa.string()),
+        ("shard", pa.string()),
+        ("partition", pa.string()),
+    ]
+)
+
+# Nearest neighbours of every queried vector: nearest first, the query itself excluded.
+NEIGHBORS = pa.schema(
+    [
+        ("key", pa.string()),
+        ("neighbors", pa.list_(pa.string())),
+        ("distances", pa.list_(pa.float32())),
+    ]
+)
+
+# Near-duplicates: a key whose neighbour ``duplicate_of`` (added to the index before it)
+# lies closer than the threshold; selection and materialize can exclude these keys.
+DUPLICATES = pa.schema(
+    [
+        ("key", pa.string()),
+        ("shard", pa.string()),
+        ("duplicate_of", pa.string()),
+        ("distance", pa.float32()),
+    ]
+)
+
+# Retrieval evaluation: one row per (features, k, seed); recall of the approximate index
+# against exact search, and precision@k by label (neighbours that share the query's label).
+RETRIEVAL = pa.schema(
+    [
+        ("features", pa.string()),  # siamese | teacher | random
+        ("seed", pa.int64()),
+        ("k", pa.int32()),
+        ("queries", pa.int64()),
+        ("index_kind", pa.string()),
+        ("recall", pa.float64()),  # approximate vs exact k nearest (intersection)
+        ("precision", pa.float64()),  # share of the k neighbours with the query's label
+        ("exact_precision", pa.float64()),  # the same with exact search
+    ]
+)
+
+# Detection (cvpipe/learn/detect_eval.py, cvpipe/label/pseudo_boxes.py).
+
+# COCO-style scores of one detector on one labeled split (torchmetrics'
+# MeanAveragePrecision): mAP@[.5:.95], mAP@.5, mAP@.75, mean recall at 100 detections.
+DETECT_METRICS = pa.schema(
+    [
+        ("split", pa.string()),
+        ("images", pa.int64()),
+        ("boxes", pa.int64()),  # ground-truth boxes scored against
+        ("map", pa.float64()),
+        ("map_50", pa.float64()),
+        ("map_75", pa.float64()),
+        ("mar_100", pa.float64()),
+        ("images_per_s", pa.float64()),
+    ]
+)
+
+# Per-class AP of a detector (NaN where the split holds no box of the class).
+DETECT_PER_CLASS = pa.schema(
+    [
+        ("class_index", pa.int32()),
+        ("class_name", pa.string()),
+        ("boxes", pa.int64()),  # ground-truth boxes of the class
+        ("ap", pa.float64()),  # AP@[.5:.95]
+        ("ap_50", pa.float64()),
+    ]
+)
+
+# Pseudo-boxes: a detector's boxes above a score threshold after NMS, per sample;
+# ``labels`` index the detector's classes (0-based; the class names are in the lineage).
+PSEUDO_BOXES = pa.schema(
+    [
+        ("key", pa.string()),
+        ("shard", pa.string()),
+        ("boxes", pa.list_(pa.list_(pa.float32()))),  # [x1, y1, x2, y2] in image pixels
+        ("labels", pa.list_(pa.int32())),
+        ("scores", pa.list_(pa.float32())),
+    ]
+)
+
+# Object localization (one box per image): top-1 and IoU of the predicted box.
+LOCALIZE_METRICS = pa.schema(
+    [
+        ("split", pa.string()),
+        ("images", pa.int64()),
+        ("top1", pa.float64()),
+        ("mean_iou", pa.float64()),
+        ("iou_50", pa.float64()),  # share of images whose box has IoU >= 0.5
+        ("correct_50", pa.float64()),  # right class and IoU >= 0.5
+    ]
+)
+
+# The detection teacher-student study: one row per (seed, method).
+DETECT_STUDY = pa.schema(
+    [
+        ("seed", pa.int64()),
+        ("method", pa.string()),  # teacher | supervised | student_pretrained | student_finetuned
+        ("labeled", pa.int64()),
+        ("pseudo_images", pa.int64()),
+        ("pseudo_boxes", pa.int64()),
+        ("map", pa.float64()),
+        ("map_50", pa.float64()),
+    ]
+)
+
+# Weak supervision from captions and hashtags (cvpipe/label/vocab.py, targets.py).
+
+# A map-side partial of the vocabulary (one shard, or a merge of partials): words
+# sorted ascending, with occurrences and the number of samples holding the word. The
+# error bound of a cut partial (see vocab.py) is in the lineage.
+VOCAB_COUNTS = pa.schema(
+    [
+        ("word", pa.string()),
+        ("count", pa.int64()),
+        ("images", pa.int64()),
+    ]
+)
+
+# The vocabulary: the V most frequent words (count >= min count), ties by word;
+# ``index`` is the word's output unit of a weakly supervised model (0 = most frequent).
+VOCAB = pa.schema(
+    [
+        ("word", pa.string()),
+        ("count", pa.int64()),
+        ("images", pa.int64()),
+        ("index", pa.int32()),
+    ]
+)
+
+# Per sample, its distinct in-vocabulary words (vocabulary indices, ascending): the
+# target is 1/k on each of its k words. ``weight`` is its resampling weight (1.0
+# without resampling). Samples with no in-vocabulary word have no row.
+WORD_TARGETS = pa.schema(
+    [
+        ("key", pa.string()),
+        ("shard", pa.string()),
+        ("words", pa.list_(pa.int32())),
+        ("weight", pa.float32()),
+    ]
+)
+
+# Word prediction scored on held-out captioned samples: precision@k of a model and of
+# the frequency baseline (always the k most frequent words), in one table.
+WORD_PRECISION = pa.schema(
+    [
+        ("method", pa.string()),
+        ("images", pa.int64()),
+        ("p_at_1", pa.float64()),
+        ("p_at_5", pa.float64()),
+        ("p_at_10", pa.float64()),
+    ]
+)
+
+# The best-scoring held-out samples of some words (a word's output unit, softmax score).
+WORD_TOP_IMAGES = pa.schema(
+    [
+        ("word", pa.string()),
+        ("rank", pa.int32()),
+        ("key", pa.string()),
+        ("shard", pa.string()),
+        ("score", pa.float32()),
+    ]
+)
+
 
 # Learning to transfer (cvpipe/label/p2l.py, cvpipe/learn/shallow.py,
 # cvpipe/models/costs.py, cvpipe/experiments/p2l_validation.py, transfer_study.py).

@@ -34,3 +34,32 @@ class IngestConfig(Strict):
         "header", description="header: check structure only (fast); decode: decode every image"
     )
     manifest_encoding: str = Field("utf-8", description="text encoding of a CSV/JSONL manifest")
+    coco: str | None = Field(
+        None, description="a COCO annotation JSON: SOURCE is then its images folder"
+    )
+    box_labels: list[str] | None = Field(
+        None, description="the known box labels (a box with another is dropped); None: any"
+    )
+
+
+class CanvasesConfig(Strict):
+    """Detection demo data: real digit scans on real photo canvases, with exact boxes
+    (cvpipe.data.canvases), exported and ingested into OUT/shards/<split>/."""
+
+    out: str = Field(description="output root: canvases/ (images, manifests) and shards/")
+    labeled: int = Field(200, ge=0, description="canvases with boxes, for training")
+    unlabeled: int = Field(600, ge=0, description="canvases without boxes, for pseudo-boxes")
+    test: int = Field(100, ge=0, description="canvases with boxes, from held-out digit scans")
+    size: int = Field(160, ge=32, description="canvas side in pixels")
+    min_objects: int = Field(1, ge=1, description="fewest digits on a canvas")
+    max_objects: int = Field(4, ge=1, description="most digits on a canvas (1: localization)")
+    min_digit_px: int = Field(22, ge=8, description="smallest digit height in pixels")
+    max_digit_px: int = Field(44, ge=8, description="largest digit height in pixels")
+    max_overlap: float = Field(0.2, ge=0, le=1, description="largest IoU between two digits")
+    seed: int = Field(0, description="seed of everything drawn")
+    shard_size: int = Field(100, ge=1, description="samples per shard at ingest")
+    digits: bool = Field(
+        False,
+        description="also the training pool's digit scans as OUT/shards/digits/ (class "
+        "labels): a backbone classifier trained on them never sees a test digit",
+    )

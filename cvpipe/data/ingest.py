@@ -29,6 +29,7 @@ from typing import Any, BinaryIO
 
 from cvpipe.core import storage, tables
 from cvpipe.core.stage import Resources, Stage, Unit, run_stage
+from cvpipe.data import boxes as boxes_mod
 from cvpipe.data import images
 from cvpipe.data.config import DEFAULT_FETCH_TIMEOUT_S, IngestConfig
 from cvpipe.data.plan import (  # noqa: F401  (the ingest API: plan helpers re-exported)
@@ -47,7 +48,6 @@ from cvpipe.data.shards import (
     NOT_SAMPLE_REASONS,
     ShardWriter,
     encode_meta,
-    finite,
     loads_json,
     shard_id,
     shard_url,
@@ -65,6 +65,7 @@ class ShardStats:
     written: int = 0
     rejects: Counter = field(default_factory=Counter)
     skipped: bool = False  # committed by an earlier run
+    dropped_boxes: Counter = field(default_factory=Counter)  # bad boxes of written images
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -74,6 +75,7 @@ class ShardStats:
             "rejected": sum(self.rejects.values()),
             "rejects": dict(self.rejects),
             "skipped": self.skipped,
+            "dropped_boxes": dict(self.dropped_boxes),
         }
 
 
@@ -91,20 +93,6 @@ def _check_hashtags(tags: list) -> list:
     if bad is not None:
         raise ValueError(f"hashtag {bad!r} is not a string")
     return tags
-
-
-def _check_boxes(boxes: list) -> list:
-    for b in boxes:
-        coords = b.get("bbox") if isinstance(b, dict) else b
-        if (
-            not isinstance(coords, list)
-            or len(coords) != 4
-            or not all(finite(c) for c in coords)
-            or coords[2] < coords[0]
-            or coords[3] < coords[1]
-        ):
-            raise ValueError(f"bad box {b!r}: want finite [x1, y1, x2, y2] with x2>=x1, y2>=y1")
-    return boxes
 
 
 def _read_image(row: dict[str, Any], max_bytes: int, timeout: float) -> bytes:
@@ -150,8 +138,11 @@ class Limits:
         )
 
 
-def _prepare(row: dict[str, Any], limits: Limits) -> tuple[str, bytes, dict[str, Any]]:
-    """Validate one plan row; returns (extension, bytes, metadata) or raises RejectedImage."""
+def _prepare(
+    row: dict[str, Any], limits: Limits, box_labels: Sequence[str] | None = None
+) -> tuple[str, bytes, dict[str, Any], list[boxes_mod.DroppedBox]]:
+    """Validate one plan row; returns (extension, bytes, metadata, dropped boxes) or
+    raises RejectedImage. A bad box is dropped (the image keeps its good boxes)."""
     if row.get("error_reason"):
         raise images.RejectedImage(row["error_reason"], row.get("error_detail") or "")
     if row["duplicate"]:
@@ -161,8 +152,6 @@ def _prepare(row: dict[str, Any], limits: Limits) -> tuple[str, bytes, dict[str,
         if hashtags is not None:
             hashtags = _check_hashtags(hashtags)
         boxes = _parse_list(row["boxes"], "boxes")
-        if boxes is not None:
-            boxes = _check_boxes(boxes)
     except (ValueError, TypeError, AttributeError) as e:
         raise images.RejectedImage("bad_metadata", str(e)) from None
     data = _read_image(row, limits.max_bytes, limits.fetch_timeout_s)
@@ -177,6 +166,10 @@ def _prepare(row: dict[str, Any], limits: Limits) -> tuple[str, bytes, dict[str,
             )
     elif limits.verify == "decode":
         images.decode(data, limits.max_pixels)
+    dropped: list[boxes_mod.DroppedBox] = []
+    if boxes is not None:
+        checked = boxes_mod.validate_boxes(boxes, header.width, header.height, box_labels)
+        boxes, dropped = checked.boxes, checked.dropped
     meta = {
         "source": row["source"],
         "width": header.width,
@@ -189,7 +182,7 @@ def _prepare(row: dict[str, Any], limits: Limits) -> tuple[str, bytes, dict[str,
         # The real bytes of a source path that is not UTF-8 (``source`` is escaped).
         "source_hex": row["source_raw"].hex() if row.get("source_raw") else None,
     }
-    return ext, data, meta
+    return ext, data, meta, dropped
 
 
 class _Hashing:
@@ -234,7 +227,9 @@ def ingest_shard(
         for row in read_plan_group(plan, index).to_pylist():
             stats.samples += 1
             try:
-                ext, data, meta = _prepare(row, limits)
+                ext, data, meta, dropped = _prepare(
+                    row, limits, getattr(config, "box_labels", None)
+                )
                 members = {ext: data, "json": encode_meta(meta)}
             except images.RejectedImage as e:
                 reject(row["key"], e.reason, e.detail)
@@ -243,6 +238,11 @@ def ingest_shard(
                 reject(row["key"], "unexpected_error", f"{type(e).__name__}: {e}")
                 continue
             stats.written += 1
+            for d in dropped:  # rows about boxes, counted apart from rejected samples
+                stats.dropped_boxes[d.reason] += 1
+                detail = f"box {d.index}: {d.detail}"
+                reject_rows.append({"key": row["key"], "shard": sid, "stage": "ingest",
+                                    "reason": d.reason, "detail": detail})  # fmt: skip
             index_rows.append(
                 {
                     "key": row["key"],
@@ -271,7 +271,8 @@ def ingest_shard(
         "tar_bytes": out.size,
         "samples_in": stats.samples,
         "written": stats.written,
-        "rejected": len(reject_rows),
+        "rejected": sum(stats.rejects.values()),
+        "dropped_boxes": sum(stats.dropped_boxes.values()),
     }
     tables.write_parquet(
         tables.from_rows(index_rows, tables.SHARD_INDEX),
@@ -285,10 +286,11 @@ def committed_stats(root: str, sid: str) -> ShardStats:
     """Stats of a unit an earlier run committed, read back from its tables."""
     written = tables.num_rows(unit_url(root, "index", sid))
     rejects = tables.read_parquet(unit_url(root, "rejects/ingest", sid), columns=["reason"])
-    counts = Counter(rejects.column("reason").to_pylist())
-    return ShardStats(
-        sid, samples=written + rejects.num_rows, written=written, rejects=counts, skipped=True
-    )
+    reasons = Counter(rejects.column("reason").to_pylist())
+    box_rows = Counter({r: n for r, n in reasons.items() if r in boxes_mod.REASONS})
+    counts = reasons - box_rows
+    return ShardStats(sid, samples=written + sum(counts.values()), written=written,
+                      rejects=counts, skipped=True, dropped_boxes=box_rows)  # fmt: skip
 
 
 def summarize(stats: list[ShardStats]) -> dict[str, Any]:
@@ -316,11 +318,18 @@ def reject_summary(stats: Sequence[Any]) -> dict[str, Any]:
         by_reason.update(s.rejects)
     ignored = {r: n for r, n in by_reason.items() if r in NOT_SAMPLE_REASONS}
     samples = {r: n for r, n in by_reason.items() if r not in NOT_SAMPLE_REASONS}
-    return {
+    dropped: Counter = Counter()
+    for s in stats:
+        dropped.update(getattr(s, "dropped_boxes", None) or {})
+    out = {
         "rejected": sum(samples.values()),
         "rejects_by_reason": dict(sorted(samples.items())),
         "ignored_members": sum(ignored.values()),
     }
+    if dropped:  # boxes dropped from images that were written with their good boxes
+        out["dropped_boxes"] = sum(dropped.values())
+        out["dropped_boxes_by_reason"] = dict(sorted(dropped.items()))
+    return out
 
 
 # ------------------------------------------------------------------------- the stage

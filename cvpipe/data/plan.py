@@ -171,12 +171,19 @@ def plan_row(item: dict[str, Any], partition: str) -> dict[str, Any]:
 
 def plan_rows(
     src: str, partition: str, *, skipped: Any = None, encoding: str = "utf-8",
-    max_row_bytes: int = DEFAULT_MAX_ROW_BYTES,
+    max_row_bytes: int = DEFAULT_MAX_ROW_BYTES, coco: str | None = None,
 ) -> Iterator[dict[str, Any]]:  # fmt: skip
-    """The plan rows of a source, streamed, keys assigned and duplicates marked."""
+    """The plan rows of a source, streamed, keys assigned and duplicates marked. With
+    ``coco`` (a COCO annotation file) the items are its images, ``src`` their folder."""
     kwargs = {"skipped": skipped} if skipped is not None else {}
+    if coco:
+        from cvpipe.data.coco import manifest_rows
+
+        items: Iterable[dict[str, Any]] = manifest_rows(coco, src)[0]
+    else:
+        items = iter_source(src, encoding=encoding, max_row_bytes=max_row_bytes, **kwargs)
     with SeenKeys() as seen:
-        for item in iter_source(src, encoding=encoding, max_row_bytes=max_row_bytes, **kwargs):
+        for item in items:
             row = plan_row(item, partition)
             row["duplicate"] = not seen.add(row["key"])
             yield row
@@ -278,7 +285,8 @@ def prepare_plan(
         open_atomic(skipped_url(root, partition, name)) as skipped_file,
     ):
         with _SkippedFiles(skipped_file, config) as skipped:
-            rows = plan_rows(src, partition, skipped=skipped, encoding=encoding)
+            rows = plan_rows(src, partition, skipped=skipped, encoding=encoding,
+                             coco=getattr(config, "coco", None))  # fmt: skip
             total = _write_rows(plan_file, rows, shard_size, config)
         if total == 0:
             raise ValueError(f"source {src} holds no images")

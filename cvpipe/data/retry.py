@@ -25,6 +25,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from cvpipe.core import storage, tables
+from cvpipe.data.boxes import REASONS as BOX_REASONS
 from cvpipe.data.config import IngestConfig
 from cvpipe.data.plan import (
     claim_url,
@@ -188,7 +189,11 @@ def partition_accounting(root: str, partition: str, name: str | None = None) -> 
                 written += tables.num_rows(index)
     retried = sum(plan_rows_count(plan_url(root, partition, round_name(name, r)))
                   for r in all_rounds[1:])  # fmt: skip
-    by_reason = Counter(row["reason"] for _, _, row in live_rejects(root, partition, name))
+    by_reason = Counter(
+        row["reason"]
+        for _, _, row in live_rejects(root, partition, name)
+        if row["reason"] not in BOX_REASONS
+    )  # boxes: rows of written images
     return {
         "samples": samples,
         "written": written,

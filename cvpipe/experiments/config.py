@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -42,6 +42,12 @@ class SemiSupervisedConfig(Strict):
     sweep_top_k: list[int] = Field(default_factory=list, description="extra K values to try")
     sweep_unlabeled_fraction: list[float] = Field(
         default_factory=list, description="extra |U| fractions (0, 1] to try"
+    )
+    teacher_init: str | None = Field(
+        None,
+        description="a weakly supervised checkpoint the teacher starts from (its head "
+        "replaced, then trained on D with the teacher's schedule); '{seed}' is replaced "
+        "by the seed",
     )
 
     @field_validator("sweep_unlabeled_fraction")
@@ -142,6 +148,79 @@ class AnchorTransferConfig(Strict):
         tags = [m.tag for m in self.methods]
         if len(set(tags)) != len(tags):
             raise ValueError(f"methods must differ, got {tags}")
+        return self
+
+
+class DetectionStudyConfig(Strict):
+    """The detection teacher-student loop in miniature (STAC-like), per seed: a teacher
+    detector on the labeled canvases (the supervised baseline) -> pseudo-boxes on the
+    unlabeled canvases -> a student detector pretrained on them -> fine-tuned on the
+    labeled canvases; every detector scored (mAP, mAP@.5) on the test canvases."""
+
+    root: str = Field(description="output root of the study")
+    labeled: str | list[str] = Field(description="boxed training shards")
+    unlabeled: str | list[str] = Field(description="shards without boxes")
+    test: str | list[str] = Field(description="boxed test shards")
+    seeds: list[int] = Field([0, 1, 2], min_length=1)
+    detector: dict[str, Any] = Field(
+        default_factory=dict,
+        description="detection training fields (cvpipe.learn.detect.DetectTrainConfig) "
+        "shared by every detector; shards, out, seed and init are set per run",
+    )
+    backbone: str | None = Field(
+        None, description="a classifier checkpoint (the student stage's) every detector starts from"
+    )
+    threshold: float = Field(0.7, ge=0, le=1, description="pseudo-box score threshold")
+    class_thresholds: dict[str, float] = Field(default_factory=dict)
+    nms_iou: float = Field(0.5, gt=0, le=1)
+    student_epochs: int | None = Field(None, ge=1, description="pretraining epochs (None: same)")
+    finetune_epochs: int | None = Field(None, ge=1, description="fine-tuning epochs (None: same)")
+    finetune_lr_factor: float = Field(0.5, gt=0, description="fine-tuning lr = lr x this")
+
+
+class WeakCaptions(Strict):
+    """Synthetic captions of the digits (cvpipe.data.captions) and their vocabulary."""
+
+    q: float = Field(0.6, ge=0, le=1, description="P(a caption names the digit)")
+    vocab_size: int = Field(64, ge=1)
+    min_count: int = Field(3, ge=1)
+    synonyms: bool = Field(True, description="merge the digit's forms (7, sept, #Seven)")
+
+
+class WeakTeacherConfig(Strict):
+    """Teacher from scratch vs teacher initialized from weak pretraining on the captions
+    of U (Mahajan et al. 2018; Yalniz et al. 2019), each followed by the usual
+    teacher -> top-K -> student loop, on the bundled digits, for every seed."""
+
+    root: str
+    semi_supervised: SemiSupervisedConfig = Field(
+        description="the loop (digits only); its root is set to ROOT/scratch and ROOT/weak_init"
+    )
+    captions: WeakCaptions = Field(default_factory=WeakCaptions)
+    weak: TrainConfig = Field(description="weak pretraining on the captions of U")
+    weak_epochs: list[int] = Field(
+        default_factory=lambda: [15, 40],
+        min_length=1,
+        description="candidate pretraining lengths, chosen per seed by precision@1 on "
+        "held-out captioned shards of U (never on the test split)",
+    )
+    val_shards: int = Field(1, ge=1, description="captioned shards of U held out for choosing")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nested_root(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("semi_supervised"), dict):
+            ssl = dict(data["semi_supervised"])
+            ssl.setdefault("root", str(data.get("root", "")))
+            data = {**data, "semi_supervised": ssl}
+        return data
+
+    @model_validator(mode="after")
+    def _digits_only(self) -> WeakTeacherConfig:
+        if self.semi_supervised.digits is None:
+            raise ValueError("weak_teacher runs on the bundled digits (semi_supervised.digits)")
+        if self.weak.arch != self.semi_supervised.teacher.arch:
+            raise ValueError("weak pretraining and the teacher must share one architecture")
         return self
 
 

@@ -34,15 +34,25 @@ def _fmt(v: Any, digits: int) -> str:
     return str(v)
 
 
+def md_cell(text: Any) -> str:
+    """A value as a markdown table cell: a ``|`` inside it (``|D|``) would end the cell
+    and break the table, so it is escaped; a newline would end the row."""
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def md_row(cells: Iterable[Any]) -> str:
+    return "| " + " | ".join(md_cell(c) for c in cells) + " |"
+
+
 def markdown_table(table: pa.Table, bold: Mapping[int, str] | None = None, digits: int = 2) -> str:
     """A GitHub markdown table; ``bold[row] = column`` marks one cell per row in bold."""
     cols = table.column_names
     rows = table.to_pylist()
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    lines = [md_row(cols), "|" + "|".join("---" for _ in cols) + "|"]
     for i, row in enumerate(rows):
         cells = []
         for c in cols:
-            s = _fmt(row[c], digits)
+            s = md_cell(_fmt(row[c], digits))
             if bold and bold.get(i) == c and s:
                 s = f"**{s}**"
             cells.append(s)
@@ -183,7 +193,7 @@ def ssl_results_markdown(rows: Iterable[Mapping[str, Any]]) -> str:
         seed = by_seed.setdefault(int(r["seed"]), {"row": r, "top1": {}})
         seed["top1"][r["method"]] = float(r["top1"])
     head = ["seed", "|D|", "|D^|", "precision", *SSL_METHODS, "gain"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = [md_row(head), "|" + "---|" * len(head)]
     gains = []
     for seed, s in sorted(by_seed.items()):
         acc, r = s["top1"], s["row"]
@@ -215,7 +225,7 @@ def ssl_sweep(rows: Iterable[Mapping[str, Any]], x: str) -> tuple[str, bytes]:
     for r in rows:
         cells.setdefault(float(r[x]), {}).setdefault(r["method"], []).append(float(r["top1"]))
     xs = sorted(cells)
-    lines = [f"| {x} | " + " | ".join(SSL_METHODS) + " |", "|" + "---|" * (len(SSL_METHODS) + 1)]
+    lines = [md_row([x, *SSL_METHODS]), "|" + "---|" * (len(SSL_METHODS) + 1)]
     for v in xs:
         lines.append(
             f"| {v:g} | "
@@ -243,3 +253,34 @@ def ssl_sweep(rows: Iterable[Mapping[str, Any]], x: str) -> tuple[str, bytes]:
     fig.savefig(buf, format="png")
     plt.close(fig)
     return "\n".join(lines) + "\n", buf.getvalue()
+
+
+def ssl_seed_bars(rows: Iterable[Mapping[str, Any]]) -> bytes:
+    """PNG: test top-1 of every method, grouped by seed (one bar per method), so a
+    reader sees the paired comparison seed by seed, not only the means. ``rows`` follow
+    tables.SSL_RUNS for one (K, |U|) setting."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    top1: dict[int, dict[str, float]] = {}
+    for r in rows:
+        top1.setdefault(int(r["seed"]), {})[r["method"]] = 100 * float(r["top1"])
+    seeds = sorted(top1)
+    width = 0.8 / len(SSL_METHODS)
+    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(seeds), 3.5), dpi=120)
+    for j, m in enumerate(SSL_METHODS):
+        xs = [i + (j - (len(SSL_METHODS) - 1) / 2) * width for i in range(len(seeds))]
+        ax.bar(xs, [top1[s].get(m, 0.0) for s in seeds], width, label=m.replace("_", " "))
+    ax.set_xticks(range(len(seeds)), [f"seed {s}" for s in seeds])
+    ax.set_ylabel("test top-1 (%)")
+    low = min((v for s in seeds for v in top1[s].values()), default=0.0)
+    ax.set_ylim(max(0.0, low - 10), 100)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2, loc="lower right")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()

@@ -40,7 +40,7 @@ from cvpipe.data.features import write_features
 from cvpipe.data.ingest import reject_summary, shard_summary
 from cvpipe.data.shards import Reject, shard_id, unit_url
 from cvpipe.infer.batches import STAGE, InferenceDataset
-from cvpipe.models import load_checkpoint, model_id, preprocess, resolve_device
+from cvpipe.models import load_model, model_id, preprocess, resolve_device
 
 
 def predictions_url(out: str, sid: str) -> str:
@@ -178,13 +178,20 @@ class Teacher:
         self.checkpoint_url = checkpoint_url
         self.device = resolve_device(device)
         self.cuda = self.device.type == "cuda"
-        self.model, self.info = load_checkpoint(checkpoint_url, self.device)
+        # A classifier, or an embedding net (no class scores, its embeddings as features).
+        self.model, self.info = load_model(checkpoint_url, self.device)
+        if self.info.task == "contrastive" and not features:
+            raise ValueError(
+                f"{checkpoint_url} is an embedding net: run it with features on "
+                "(its embeddings are its only output)"
+            )
         self.model.eval()
         if self.cuda:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.model_id = model_id(checkpoint_url)
         self.batch_size = batch_size
-        self.top_p = min(top_p, self.info.num_classes)
+        scores = 0 if self.info.task == "contrastive" else self.info.num_classes
+        self.top_p = min(top_p, scores)
         self.features = features
         self.num_workers = num_workers
         self.prefetch_factor = prefetch_factor
@@ -366,7 +373,7 @@ class Teacher:
         else:
             keys, classes, scores = [], np.empty((0, p), np.int32), np.empty((0, p), np.float32)
         n = len(keys)
-        offsets = pa.array(np.arange(0, (n + 1) * p, p, dtype=np.int32))
+        offsets = pa.array(np.arange(n + 1, dtype=np.int32) * p)  # p = 0: embedding nets
         shard_col = pa.array([sid] * n, pa.string())
         key_col = pa.array(keys, pa.string())
         lineage = self.lineage(sid)

@@ -69,13 +69,39 @@ class Labels:
         return len(self.codes)
 
 
+def concat_labels(parts: Sequence[Labels]) -> Labels:
+    """The labels of consecutive batches as one: the union of their vocabularies
+    (sorted), each batch's codes mapped into it."""
+    if len(parts) == 1:
+        return parts[0]
+    vocab = sorted(set().union(*(p.vocab for p in parts)))
+    pos = {v: i for i, v in enumerate(vocab)}
+    codes = [np.array([pos[v] for v in p.vocab], np.int64)[p.codes] for p in parts]
+    return Labels(
+        vocab,
+        np.concatenate(codes),
+        np.concatenate([p.anchors for p in parts]),
+        np.concatenate([p.distances for p in parts]),
+    )
+
+
 def _encode(parts: np.ndarray, base: int, names: Sequence[str], sep: str) -> tuple:
     """Codes and vocab for rows of anchor indices joined with ``sep``."""
     n, k = parts.shape
     code = np.zeros(n, np.int64)
     for j in range(k):
         code = code * base + parts[:, j]
-    uniq, inv = np.unique(code, return_inverse=True)
+    if base**k <= max(n, 1 << 16):
+        # A table over the code space instead of np.unique's sort: the same sorted
+        # codes and inverse, in O(n) (Nearest-1..3 of 16 anchors: 16..4096 codes).
+        seen = np.zeros(base**k, bool)
+        seen[code] = True
+        uniq = np.flatnonzero(seen)
+        slot = np.zeros(base**k, np.int64)
+        slot[uniq] = np.arange(len(uniq))
+        inv = slot[code]
+    else:
+        uniq, inv = np.unique(code, return_inverse=True)
     vocab = []
     for u in uniq.tolist():
         idx = []

@@ -116,7 +116,7 @@ def anchor_partial(
         raise ValueError("kind='softmax' needs checkpoint= (the reference model)")
     total: np.ndarray | None = None
     count = 0
-    for batch in iter_features(features_url, batch_rows, with_keys=False):
+    for batch in iter_features(features_url, batch_rows, with_keys=False, copy=False):
         v = to_space(batch.matrix, kind, head)
         s = v.sum(axis=0, dtype=np.float64)
         total = s if total is None else total + s

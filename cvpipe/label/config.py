@@ -91,6 +91,73 @@ class LabelCheckConfig(Strict):
     )
 
 
+class PseudoBoxConfig(Strict):
+    """A detector run over unlabeled shards: per shard, its boxes above a score
+    threshold after NMS (Parquet key, shard, boxes, labels, scores)."""
+
+    checkpoint: str = Field(description="the detection checkpoint (the teacher)")
+    shards: str | list[str] = Field(
+        description="a shard URL, a folder or prefix of shards, a brace pattern, or a list"
+    )
+    out: str = Field(description="writes OUT/pseudo_boxes/ and OUT/rejects/pseudo_boxes/")
+    threshold: float = Field(
+        0.7, ge=0, le=1, description="keep boxes scoring at least this (STAC 0.9, UT 0.7)"
+    )
+    class_thresholds: dict[str, float] = Field(
+        default_factory=dict, description="class name -> its own threshold (else --threshold)"
+    )
+    nms_iou: float = Field(0.5, gt=0, le=1, description="NMS: drop a box overlapping a better one")
+    class_agnostic_nms: bool = Field(
+        False, description="NMS across classes (one box per object whatever its class)"
+    )
+    batch_size: int = runtime(8, ge=1)
+    device: str = runtime("auto", description="auto | cpu | cuda | cuda:N")
+    num_workers: int = runtime(0, ge=0, description="DataLoader workers per unit")
+    cpu_threads: int | None = runtime(None, ge=1, description="torch threads on CPU")
+
+
+class BoxMaterializeConfig(Strict):
+    """Pseudo-boxed images as new shards: each sample's json gets its pseudo-boxes."""
+
+    pseudo_boxes: str = Field(description="OUT of the pseudo-box stage (holds pseudo_boxes/)")
+    shards: str | list[str] = Field(description="the shards the pseudo-boxes were made on")
+    out: str = Field(description="writes OUT/shards/<partition>/<stem>.tar")
+    min_boxes: int = Field(1, ge=0, description="images with fewer pseudo-boxes are left out")
+
+
+class VocabConfig(Strict):
+    """The vocabulary of captions and hashtags: counted per shard, merged as a tree."""
+
+    shards: str | list[str] = Field(description="captioned shards (URL, folder, pattern, list)")
+    out: str = Field(description="the vocabulary Parquet to write (word, count, images, index)")
+    size: int = Field(ge=1, description="V: the most frequent words kept")
+    min_count: int = Field(1, ge=1, description="words seen fewer times are left out")
+    synonyms: str | None = Field(None, description="a synonym file (VARIANT, ... => CANONICAL)")
+    partial_cap: int = Field(
+        1 << 20,
+        ge=1,
+        description="most words a partial keeps (a shard's counts or a merge); past it the "
+        "rarest are cut and the vocabulary's error bound grows (see cvpipe.label.vocab)",
+    )
+    fan_in: int = Field(16, ge=2, description="partials merged per merge unit")
+    work: str | None = Field(
+        None, description="partials folder; default: OUT without .parquet, plus .parts"
+    )
+
+
+class TargetsConfig(Strict):
+    """Per sample, its normalized multi-hot target over a vocabulary."""
+
+    shards: str | list[str] = Field(description="captioned shards")
+    vocab: str = Field(description="the vocabulary Parquet written by `cvpipe vocab`")
+    out: str = Field(description="writes OUT/<partition>/<stem>.parquet (tables.WORD_TARGETS)")
+    resample: Literal["none", "sqrt"] = Field(
+        "none",
+        description="none, or sqrt: weight each sample by the mean of 1/sqrt(count) of its "
+        "words, so a word is seen about sqrt(count) times per epoch (Mahajan et al. 2018)",
+    )
+
+
 class Candidate(Strict):
     """One candidate source of P2L: its source dataset and model."""
 

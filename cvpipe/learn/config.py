@@ -125,6 +125,26 @@ class TrainConfig(Strict):
         return self
 
 
+class WeakTrainConfig(Strict):
+    """Weak supervision from captions and hashtags: word targets over a vocabulary, a
+    multi-label model trained on them (Joulin et al. 2016), word prediction scored on
+    held-out captioned shards."""
+
+    shards: str | list[str] = Field(description="captioned training shards")
+    vocab: str = Field(description="the vocabulary Parquet written by `cvpipe vocab`")
+    out: str = Field(description="targets/, the model (final.pt, metrics), eval/")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="the training run")
+    val: str | list[str] | None = Field(None, description="captioned validation shards")
+    test: str | list[str] | None = Field(None, description="held-out captioned shards")
+    resample: Literal["none", "sqrt"] = Field(
+        "none", description="sqrt: square-root frequency resampling (Mahajan et al. 2018)"
+    )
+    show: list[str] = Field(
+        default_factory=list, description="words whose top images to show (default: first 8)"
+    )
+    top_images: int = Field(8, ge=1, description="images per shown word")
+
+
 class ShallowConfig(Strict):
     """A shallow learner on frozen features (cvpipe/learn/shallow.py)."""
 

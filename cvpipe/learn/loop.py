@@ -34,12 +34,14 @@ from torch import nn
 from cvpipe import models
 from cvpipe.core import tables
 from cvpipe.core.config import identity
-from cvpipe.core.storage import is_committed, join
+from cvpipe.core.storage import is_committed, join, write_bytes_atomic
 from cvpipe.data.loader import make_loader
 from cvpipe.learn.config import TrainConfig
+from cvpipe.learn.curves import curves_png
 from cvpipe.learn.errors import TrainingError
 from cvpipe.learn.resume import (
     commit_epoch,
+    curves_url,
     final_url,
     last_epoch,
     metrics_url,
@@ -55,6 +57,9 @@ log = logging.getLogger(__name__)
 # On CUDA the loss is checked for finiteness every this many steps (a check syncs the
 # device); on CPU every step, before its backward pass.
 CUDA_CHECK_EVERY = 50
+# A run logs its first and last epoch and about this many in between (a 320-epoch run
+# on a terminal is 12 lines, not 320).
+EPOCH_LINES = 10
 
 
 # --------------------------------------------------------------------------- optimizer
@@ -365,7 +370,8 @@ def train(
                 )
                 rows.append(_metric_row(e, "val", v))
                 msg += f" | val {_fmt(v)}"
-            log.info("train %s: %s (%.0f img/s)", out, msg, stats.images_per_s)
+            if logs_epoch(e, start_epoch, cfg.epochs):
+                log.info("train %s: %s (%.0f img/s)", short_run(out), msg, stats.images_per_s)
             commit_epoch(out, e, model, info, optimizer, scheduler, chash, rows, schema)
             if cfg.keep_checkpoints is not None:
                 prune(out, keep_from=e - cfg.keep_checkpoints + 1)
@@ -373,6 +379,7 @@ def train(
     if not rows:
         raise TrainingError(f"{out}: no epoch was trained")
     tables.write_parquet(tables.from_rows(rows, schema), metrics_url(out), info.lineage)
+    write_bytes_atomic(curves_url(out), curves_png(rows))
     if rejects:
         tables.write_parquet(
             tables.from_rows(_dedup_rejects(rejects), tables.REJECTS),
@@ -381,6 +388,18 @@ def train(
         )
     models.save_checkpoint(model, info, final)
     return final
+
+
+def logs_epoch(epoch: int, start_epoch: int, epochs: int) -> bool:
+    """Whether 1-based ``epoch`` gets a log line: the first of this process, the last,
+    and every ``epochs / EPOCH_LINES``-th."""
+    return epoch == start_epoch + 1 or epoch == epochs or epoch % max(1, epochs // EPOCH_LINES) == 0
+
+
+def short_run(out: str) -> str:
+    """A run folder as a log line shows it: its last two parts."""
+    parts = str(out).rstrip("/").split("/")
+    return "/".join(parts[-2:])
 
 
 def _metric_row(epoch: int, split: str, stats: EpochStats) -> dict[str, Any]:

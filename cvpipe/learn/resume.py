@@ -57,6 +57,10 @@ def metrics_url(out: str) -> str:
     return join(out, "metrics.parquet")
 
 
+def curves_url(out: str) -> str:
+    return join(out, "curves.png")
+
+
 def _epochs_on_disk(out: str) -> dict[int, set[str]]:
     """epoch -> the kinds ('epoch', 'state') of its committed files."""
     found: dict[int, set[str]] = {}

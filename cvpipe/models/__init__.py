@@ -11,6 +11,7 @@ from cvpipe.models.checkpoints import (
     check_fits,
     load_checkpoint,
     load_info,
+    load_model,
     load_state,
     model_id,
     preprocess,
@@ -18,11 +19,14 @@ from cvpipe.models.checkpoints import (
     sidecar_url,
 )
 from cvpipe.models.detection import (
+    DETECTION_BUILD_OPTIONS,
     DETECTORS,
     Detector,
     build_detector,
     detector_head_modules,
     detector_stage_modules,
+    load_detector,
+    transfer_backbone,
 )
 from cvpipe.models.device import DeviceError, cpu_threads, resolve_device
 from cvpipe.models.nets import (
@@ -52,6 +56,7 @@ def stages_of(arch: str) -> tuple[str, ...]:
 __all__ = [
     "ARCHITECTURES",
     "CLASSIFIER_TASKS",
+    "DETECTION_BUILD_OPTIONS",
     "DETECTORS",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -70,7 +75,9 @@ __all__ = [
     "detector_head_modules",
     "detector_stage_modules",
     "load_checkpoint",
+    "load_detector",
     "load_info",
+    "load_model",
     "load_state",
     "model_id",
     "preprocess",
@@ -79,4 +86,5 @@ __all__ = [
     "sidecar_url",
     "stage_modules",
     "stages_of",
+    "transfer_backbone",
 ]

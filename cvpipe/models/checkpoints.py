@@ -24,7 +24,7 @@ from torch import nn
 
 from cvpipe.core.stage import PermanentError
 from cvpipe.core.storage import is_committed, open_atomic, read_bytes
-from cvpipe.models.nets import IMAGENET_MEAN, IMAGENET_STD, Classifier, build
+from cvpipe.models.nets import IMAGENET_MEAN, IMAGENET_STD, Classifier, EmbeddingNet, build
 
 
 class CheckpointError(PermanentError, ValueError):
@@ -101,13 +101,30 @@ def load_info(url: str) -> ModelInfo:
         raise CheckpointError(f"checkpoint sidecar {sidecar_url(url)} is malformed: {e}") from None
 
 
+# What torch.save writes: a zip archive (the default since torch 1.6) or, in the legacy
+# format, a pickle stream (protocol 2+ opens with 0x80).
+_TORCH_MAGIC = (b"PK\x03\x04", b"\x80")
+
+
+def check_magic(url: str, head: bytes) -> None:
+    """A file whose first bytes are not torch.save's is not a checkpoint at all (a text
+    file, an image): say so, rather than blame its sidecar or torch's unpickler."""
+    if not head.startswith(_TORCH_MAGIC):
+        shown = head[:16]
+        raise CheckpointError(
+            f"{url} is not a checkpoint (a file written by torch.save, e.g. final.pt of "
+            f"cvpipe train); it starts with {shown!r}"
+        )
+
+
 def load_state(url: str) -> tuple[dict[str, torch.Tensor], ModelInfo]:
     """The state_dict (on CPU, read with ``weights_only=True``) and the sidecar of any
     checkpoint; any problem is a CheckpointError."""
     if not is_committed(url):
         raise CheckpointError(f"checkpoint {url} does not exist")
-    info = load_info(url)
     data = read_bytes(url)
+    check_magic(url, data[:16])
+    info = load_info(url)
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a damaged file
@@ -134,6 +151,29 @@ def load_checkpoint(url: str, device: str | torch.device = "cpu") -> tuple[Class
             f"checkpoint {url} does not fit architecture {info.arch} with "
             f"{info.num_classes} classes: {e}"
         ) from None
+    return model.to(device), info
+
+
+def load_model(url: str, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelInfo]:
+    """A checkpoint that inference can run: a classifier (:func:`load_checkpoint`) or an
+    embedding net (``task`` contrastive: its features are the embeddings). Anything else
+    is a CheckpointError."""
+    if not is_committed(url):
+        raise CheckpointError(f"checkpoint {url} does not exist")
+    info = load_info(url)
+    if info.task in CLASSIFIER_TASKS:
+        return load_checkpoint(url, device)
+    if info.task != "contrastive":
+        raise CheckpointError(f"checkpoint {url} holds a {info.task} model: nothing to infer")
+    state, info = load_state(url)
+    if "head.weight" not in state:
+        raise CheckpointError(f"checkpoint {url} has no embedding head")
+    task = info.lineage.get("task") or {}
+    model = EmbeddingNet(info.arch, state["head.weight"].shape[0], task.get("normalize", True))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint {url} does not fit {info.arch}: {e}") from None
     return model.to(device), info
 
 

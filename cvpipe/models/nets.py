@@ -141,7 +141,11 @@ def stage_modules(model: Classifier | EmbeddingNet) -> list[tuple[str, list[nn.M
 class EmbeddingNet(nn.Module):
     """A classifier's ``backbone`` followed by a linear projection ``head`` to ``dim``
     dimensions, optionally L2-normalized: the G(x) of a Siamese network. The backbone's
-    keys are a Classifier's, so any pipeline checkpoint can seed it."""
+    keys are a Classifier's, so any pipeline checkpoint can seed it.
+
+    ``feature_dim`` is ``dim``: what :meth:`forward_with_features` gives as features, so
+    the inference stage writes the embeddings where a classifier's penultimate layer
+    would go."""
 
     def __init__(self, arch: str, dim: int, normalize: bool = True) -> None:
         super().__init__()
@@ -151,9 +155,16 @@ class EmbeddingNet(nn.Module):
             raise ValueError(f"embedding dim must be >= 1, got {dim}")
         self.arch = arch
         self.normalize = normalize
-        self.backbone, self.feature_dim = ARCHITECTURES[arch].build_backbone()
-        self.head = nn.Linear(self.feature_dim, dim)
+        self.backbone, backbone_dim = ARCHITECTURES[arch].build_backbone()
+        self.head = nn.Linear(backbone_dim, dim)
+        self.feature_dim = dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.head(self.backbone(x))
         return nn.functional.normalize(z, dim=1) if self.normalize else z
+
+    def forward_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(class scores, features) as a Classifier gives them: an embedding net has no
+        class scores (an empty ``[n, 0]`` tensor) and its features are the embeddings."""
+        z = self(x)
+        return z.new_zeros((len(z), 0)), z

@@ -15,10 +15,17 @@ from cvpipe.learn.tasks.base import Built, Meter, TaskBatch, TrainTask
 from cvpipe.learn.tasks.classification import ClassificationTask
 from cvpipe.learn.tasks.contrastive import ContrastiveTask
 from cvpipe.learn.tasks.detection import DetectionTask
+from cvpipe.learn.tasks.localization import LocalizationTask
 from cvpipe.learn.tasks.multilabel import MultiLabelTask
+from cvpipe.learn.tasks.weak import WeakTask
 
 AnyTask = Annotated[
-    ClassificationTask | MultiLabelTask | DetectionTask | ContrastiveTask,
+    ClassificationTask
+    | MultiLabelTask
+    | DetectionTask
+    | ContrastiveTask
+    | LocalizationTask
+    | WeakTask,
     Field(discriminator="kind"),
 ]
 
@@ -28,8 +35,10 @@ __all__ = [
     "ClassificationTask",
     "ContrastiveTask",
     "DetectionTask",
+    "LocalizationTask",
     "Meter",
     "MultiLabelTask",
+    "WeakTask",
     "TaskBatch",
     "TrainTask",
 ]

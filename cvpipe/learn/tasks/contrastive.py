@@ -7,14 +7,19 @@ a dissimilar one, D = ||G(x1) - G(x2)||_2 and margin m:
     L = (1 - Y) 1/2 D^2 + Y 1/2 max(0, m - D)^2
 
 averaged over the pairs of a batch. Pairs are mined inside each batch from the samples'
-labels (or pseudo-labels) by :meth:`ContrastiveTask.mine`: every sample is paired with
-the next sample of its class and the next of another class (in batch order, wrapping),
-so a batch gives about one positive per negative. Richer mining (a set positive share,
-hard negatives) overrides ``mine``.
+labels (or pseudo-labels). By default (:meth:`ContrastiveTask.mine`) every sample is
+paired with the next sample of its class and the next of another class (in batch order,
+wrapping), so a batch gives about one positive per negative. With ``positive_fraction``
+or ``hard_negatives`` set, :func:`cvpipe.learn.pairs.mine_pairs` draws
+``pairs_per_sample`` pairs per sample with that share of positives, some negatives
+being the batch's hardest (mined after the forward pass, from the embeddings).
+``labels`` takes the labels from a table (a top-K selection, anchor pseudo-labels)
+instead of the shards' metadata.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any, ClassVar, Literal
 
@@ -23,9 +28,11 @@ from pydantic import Field
 from torch import nn
 
 from cvpipe import models
-from cvpipe.data.loader import ShardDataset, collate
+from cvpipe.data.loader import UNKNOWN_LABEL, ShardDataset, collate
+from cvpipe.data.shards import Sample
 from cvpipe.learn.config import TrainConfig
 from cvpipe.learn.errors import TrainingError
+from cvpipe.learn.pairs import mine_pairs, read_labels
 from cvpipe.learn.tasks.base import Built, TaskBatch, TrainTask
 from cvpipe.learn.tasks.classification import build_transform, labeled_only, resolve_classes
 from cvpipe.learn.transfer import Parts
@@ -67,6 +74,27 @@ def next_pairs(labels: Sequence[int]) -> tuple[list[int], list[int], list[int]]:
     return first, second, dissimilar
 
 
+@functools.lru_cache(maxsize=2)
+def _labels_of(spec: str | tuple[str, ...]) -> dict[str, str]:
+    """A labels table read once per process (build, then every dataset of the run)."""
+    return read_labels(spec if isinstance(spec, str) else list(spec))
+
+
+class TableLabels:
+    """A ShardDataset ``sample_fn``: the image through ``transform``, the label looked
+    up by key in a labels table (unlabeled keys get UNKNOWN_LABEL and are skipped)."""
+
+    def __init__(self, transform: Any, table: dict[str, str], index: dict[str, int]) -> None:
+        self.transform, self.table, self.index = transform, table, index
+
+    def __call__(self, s: Sample) -> dict[str, Any]:
+        label = self.table.get(s.key)
+        return {
+            "image": self.transform(s.image),
+            "label": self.index.get(label, UNKNOWN_LABEL) if label is not None else UNKNOWN_LABEL,
+        }
+
+
 class DistanceMeter:
     """Mean distance of the similar and of the dissimilar pairs."""
 
@@ -92,11 +120,35 @@ class ContrastiveTask(TrainTask):
     margin: float = Field(1.0, gt=0, description="m: dissimilar pairs farther than m cost 0")
     dim: int = Field(128, ge=1, description="embedding dimensions")
     normalize: bool = Field(True, description="L2-normalize the embeddings")
+    positive_fraction: float | None = Field(
+        None, ge=0, le=1, description="share of similar pairs (None: next-sample pairs)"
+    )
+    pairs_per_sample: float = Field(
+        2.0, gt=0, description="pairs drawn per batch sample (with positive_fraction)"
+    )
+    hard_negatives: float = Field(
+        0.0, ge=0, le=1, description="share of negative pairs that are the batch's closest"
+    )
+    labels: str | list[str] | None = Field(
+        None, description="labels table(s) with key and label columns; None: the shards' labels"
+    )
     metric_names: ClassVar[tuple[str, ...]] = ("similar_distance", "dissimilar_distance")
 
     def mine(self, labels: Sequence[int]) -> tuple[list[int], list[int], list[int]]:
         """The pairs of a batch: (first, second, dissimilar) index lists."""
         return next_pairs(labels)
+
+    @property
+    def mines_after_forward(self) -> bool:
+        """Pairs drawn with a set ratio (and hard negatives) from the batch's labels and
+        embeddings, rather than next-sample pairs fixed at collation."""
+        return self.positive_fraction is not None or self.hard_negatives > 0
+
+    def _label_table(self) -> dict[str, str] | None:
+        if self.labels is None:
+            return None
+        spec = self.labels if isinstance(self.labels, str) else tuple(self.labels)
+        return _labels_of(spec)
 
     def _model(self, arch: str) -> EmbeddingNet:
         if arch not in ARCHITECTURES:
@@ -106,7 +158,14 @@ class ContrastiveTask(TrainTask):
     def build(
         self, cfg: TrainConfig, train_urls: Sequence[str], init_checkpoint: str | None
     ) -> Built:
-        classes = resolve_classes(cfg, train_urls, None)  # the labels pairs are mined from
+        table = self._label_table()
+        if table is not None and cfg.classes is None:
+            # Numbers in numeric order, as the shards' labels are discovered.
+            classes = sorted(
+                set(table.values()), key=lambda c: (0, int(c), "") if c.isdigit() else (1, 0, c)
+            )
+        else:
+            classes = resolve_classes(cfg, train_urls, None)  # the labels pairs are mined from
         torch.manual_seed(cfg.seed)
         model = self._model(cfg.arch)
         lineage: dict[str, Any] = {}
@@ -145,6 +204,11 @@ class ContrastiveTask(TrainTask):
             if train
             else models.preprocess(info)
         )
+        table = self._label_table()
+        sample_fn = None
+        if table is not None:
+            index = {c: i for i, c in enumerate(info.classes)}
+            sample_fn = TableLabels(tf, table, index)
         return ShardDataset(
             list(urls),
             tf,
@@ -153,17 +217,31 @@ class ContrastiveTask(TrainTask):
             shuffle_buffer=cfg.shuffle_buffer if train else 0,
             seed=cfg.seed,
             num_streams=cfg.num_streams if train else 1,
+            sample_fn=sample_fn,
         )
 
     def collate(self, items: list[dict[str, Any]]) -> TaskBatch:
         """Labeled samples, with the batch's pairs as targets (first, second, Y)."""
         batch = labeled_only(collate(items))
+        if self.mines_after_forward:
+            return batch  # targets: the labels; pairs come from the embeddings
         pairs = self.mine(batch.targets.tolist())
         batch.targets = tuple(torch.tensor(p, dtype=torch.int64) for p in pairs)
         return batch
 
     def _pairs_loss(self, z: torch.Tensor, batch: TaskBatch) -> tuple[torch.Tensor, Any]:
-        first, second, y = batch.targets
+        if self.mines_after_forward:
+            labels = batch.targets
+            pairs = mine_pairs(
+                labels,
+                max(1, round(self.pairs_per_sample * len(labels))),
+                0.5 if self.positive_fraction is None else self.positive_fraction,
+                self.hard_negatives,
+                embeddings=z.detach(),
+            )
+            first, second, y = pairs.first, pairs.second, pairs.dissimilar
+        else:
+            first, second, y = batch.targets
         if len(y) == 0:  # one sample, or one class and no partner: nothing to compare
             return z.sum() * 0.0, (z.new_zeros(0), y)
         a, b = z[first], z[second]

@@ -45,14 +45,19 @@ from cvpipe.models import (
 LOSS_PARTS = ("loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg")
 
 
-def detection_transform(train: bool, min_size: int, max_size: int, flip: bool = True) -> Any:
+def detection_transform(
+    train: bool, min_size: int, max_size: int, flip: bool = True, crop: bool = False
+) -> Any:
     """Image (PIL) + ``{"boxes": BoundingBoxes, "labels"}`` -> float image in [0, 1]
-    with boxes in its pixels: a random horizontal flip when training, the short side
-    resized to ``min_size`` (the long side capped at ``max_size``, as the model does),
-    then degenerate boxes removed."""
+    with boxes in its pixels: when training, a random IoU crop (SSD's: every kept box
+    overlaps the crop enough, boxes cut to it) and a random horizontal flip; then the
+    short side resized to ``min_size`` (the long side capped at ``max_size``, as the
+    model does), and degenerate boxes removed."""
     from torchvision.transforms import v2
 
     ops: list[Any] = [v2.ToImage()]
+    if train and crop:
+        ops.append(v2.RandomIoUCrop())
     if train and flip:
         ops.append(v2.RandomHorizontalFlip())
     ops += [
@@ -132,7 +137,33 @@ class DetectionTask(TrainTask):
     max_size: int = Field(1333, ge=32, description="cap of the long side")
     flip: bool = Field(True, description="random horizontal flips in training")
     boxes_field: str = Field("boxes", description="sample json field holding the boxes")
-    metric_names: ClassVar[tuple[str, ...]] = LOSS_PARTS
+    crop: bool = Field(False, description="random IoU crops in training (SSD-style)")
+    # The model's shape (None: torchvision's default), rebuilt from the checkpoint's
+    # sidecar at load (cvpipe.models.detection.BUILD_OPTIONS names them).
+    anchor_sizes: list[int] | None = Field(
+        None, description="anchor sizes in pixels at every FPN level (None: 32..512)"
+    )
+    box_head_dim: int | None = Field(None, ge=16, description="ROI box head width (None: 1024)")
+    returned_layers: list[int] | None = Field(
+        None,
+        description="backbone stages the FPN reads (None: torchvision's; MobileNetV3: "
+        "[4, 5], both stride 32; [2, 3, 4, 5] adds strides 8 and 16 for small objects)",
+    )
+    rpn_pre_nms_top_n_train: int | None = Field(None, ge=1)
+    rpn_post_nms_top_n_train: int | None = Field(None, ge=1, description="proposals per image")
+    rpn_pre_nms_top_n_test: int | None = Field(None, ge=1)
+    rpn_post_nms_top_n_test: int | None = Field(None, ge=1)
+    rpn_batch_size_per_image: int | None = Field(None, ge=1, description="anchors sampled")
+    box_batch_size_per_image: int | None = Field(None, ge=1, description="ROIs sampled")
+    box_score_thresh: float | None = Field(None, ge=0, le=1, description="eval score floor")
+    box_nms_thresh: float | None = Field(None, gt=0, le=1, description="eval per-class NMS IoU")
+    box_detections_per_img: int | None = Field(None, ge=1)
+    metric_names: ClassVar[tuple[str, ...]] = (*LOSS_PARTS, "map", "map_50")
+
+    def model_options(self) -> dict[str, Any]:
+        """The fields that shape the model, as build_detector keywords."""
+        return {k: getattr(self, k) for k in models.DETECTION_BUILD_OPTIONS
+                if getattr(self, k) is not None}  # fmt: skip
 
     @model_validator(mode="after")
     def _sizes(self) -> DetectionTask:
@@ -149,7 +180,7 @@ class DetectionTask(TrainTask):
             list(cfg.classes) if cfg.classes else discover_box_classes(train_urls, self.boxes_field)
         )
         torch.manual_seed(cfg.seed)
-        model = build_detector(cfg.arch, len(classes), self.min_size, self.max_size)
+        model = build_detector(cfg.arch, len(classes), **self.model_options())
         lineage: dict[str, Any] = {}
         if init_checkpoint is not None:
             lineage = self._init_from(model, classes, init_checkpoint)
@@ -160,10 +191,21 @@ class DetectionTask(TrainTask):
         return Built(model, info, parts, lineage)
 
     def _init_from(self, model: nn.Module, classes: list[str], url: str) -> dict[str, Any]:
-        """Weights of a detection checkpoint of the same architecture; the box predictor
-        starts fresh when the class set differs. (A backbone from a classifier checkpoint
-        is the detection pipeline's transfer step, not this loop's.)"""
+        """Weights of a detection checkpoint of the same architecture (the box predictor
+        starts fresh when the class set differs), or the backbone of a classifier
+        checkpoint the pipeline trained (the student): the rest stays random."""
         state, src = models.load_state(url)
+        if src.task in models.CLASSIFIER_TASKS:
+            try:
+                copied = models.transfer_backbone(model, state, src.arch)
+            except ValueError as e:
+                raise TrainingError(f"backbone from {url}: {e}") from None
+            return {
+                "backbone_checkpoint": url,
+                "backbone_model_id": models.model_id(url),
+                "backbone_arch": src.arch,
+                "backbone_tensors": len(copied),
+            }
         if src.task != self.kind or src.arch != model.arch:
             raise TrainingError(
                 f"init checkpoint {url} is a {src.task} {src.arch}, not a {model.arch} detector"
@@ -181,7 +223,7 @@ class DetectionTask(TrainTask):
     def dataset(
         self, cfg: TrainConfig, urls: Sequence[str], info: ModelInfo, *, stage: str, train: bool
     ) -> ShardDataset:
-        tf = detection_transform(train, self.min_size, self.max_size, self.flip)
+        tf = detection_transform(train, self.min_size, self.max_size, self.flip, self.crop)
         index = {c: i + 1 for i, c in enumerate(info.classes)}
         return ShardDataset(
             list(urls),
@@ -209,16 +251,14 @@ class DetectionTask(TrainTask):
     def eval_step(self, model: nn.Module, batch: TaskBatch) -> tuple[None, Any]:
         return None, model(batch.inputs)
 
-    def meter(self, split: str, info: ModelInfo, device: torch.device) -> LossPartsMeter:
-        return LossPartsMeter(device)
+    def meter(self, split: str, info: ModelInfo, device: torch.device) -> Any:
+        """Training: the loss parts; validation: mAP and mAP@.5 (torchmetrics)."""
+        if split == "train":
+            return LossPartsMeter(device)
+        from cvpipe.learn.detect_eval import MAPMeter
+
+        return MAPMeter()
 
     def load(self, url: str, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelInfo]:
-        state, info = models.load_state(url)
-        if info.task != self.kind:
-            raise models.CheckpointError(f"{url} holds a {info.task} model, not a detector")
-        model = build_detector(info.arch, len(info.classes), self.min_size, self.max_size)
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as e:
-            raise models.CheckpointError(f"{url} does not fit {info.arch}: {e}") from None
-        return model.to(device), info
+        """The checkpoint's detector, built with the options its training recorded."""
+        return models.load_detector(url, device)

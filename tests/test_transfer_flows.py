@@ -210,3 +210,38 @@ def test_transfer_study_at_toy_size(prefect_harness, tmp_path):
     assert rec["method"] in {r["method"] for r in methods if r["target"] == "t12"}
     assert storage.read_bytes(out["png"])[:4] == b"\x89PNG"
     assert storage.is_committed(f"{root}/p2l/p2l_weights.parquet")
+
+
+@pytest.mark.parametrize("case", ["candidates", "reference", "test", "root"])
+def test_bad_input_of_the_transfer_commands_is_one_error_line(case, tmp_path, digits_shards):
+    """The shared preflight: a missing file or a file that is no checkpoint fails before
+    any flow, in one line naming the flag; nothing is written."""
+    from flows.cli import app
+
+    shard = digits_shards["test"][0]
+    text = tmp_path / "model.pt"
+    text.write_text("not a model\n")
+    candidates = tmp_path / "candidates.yaml"
+    candidates.write_text(f"candidates:\n  a: {{shards: {shard}}}\n")
+    config = tmp_path / "study.yaml"
+    config.write_text("root: unused\nreference: {}\nsource: {}\nfinetune: {}\ntarget: t_odd\n")
+    out = tmp_path / "o"
+    nope = str(tmp_path / "nope")
+    p2l = ["p2l", shard, "--out", str(out)]
+    args, flag, says = {
+        "candidates": ([*p2l, "--candidates", nope, "--reference", str(text)],
+                       "--candidates", "does not exist"),
+        "reference": ([*p2l, "--candidates", str(candidates), "--reference", str(text)],
+                      "--reference", "is not a checkpoint"),
+        "test": (["shallow", shard, "--truth", str(tmp_path), "--test", nope, "--out", str(out)],
+                 "--test", "does not exist"),
+        "root": (["transfer", str(config), "--root", "/proc/cvpipe-study"], "--root",
+                 "not writable"),
+    }[case]  # fmt: skip
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 1, r.output
+    errors = [line for line in r.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: {flag} ") and says in errors[0], (
+        r.output
+    )
+    assert not out.exists()

@@ -18,6 +18,7 @@ import argparse
 import io
 import json
 import os
+import platform
 import statistics
 import sys
 import tarfile
@@ -135,7 +136,14 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(
-            {"benchmark": "bench_shards", "results": results, "target_met": target_met}, f, indent=2
+            {
+                "benchmark": "bench_shards",
+                "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+                "results": results,
+                "target_met": target_met,
+            },
+            f,
+            indent=2,
         )
     return 0
 

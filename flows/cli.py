@@ -771,6 +771,12 @@ def _command_name(args: list[str]) -> str:
     return "-".join(words if words and words[0] in groups else words[:1]) or "cvpipe"
 
 
+# p2l, shallow, transfer (their own module; they use the helpers above when they run).
+from flows import cli_transfer  # noqa: E402
+
+cli_transfer.register(app)
+
+
 def main() -> None:
     """The console script. The local Prefect API (when no PREFECT_API_URL is set) starts
     once the command's input has passed its preflight, in the background while the flow

@@ -34,7 +34,9 @@ def _machine(d: dict[str, Any]) -> str:
     m = d.get("machine") or {}
     gpu = m.get("gpu") or d.get("device_name")
     cpus = m.get("cpus") or d.get("cpus") or d.get("cpu_count")
-    return f"{gpu}" if gpu else f"{cpus}-core CPU"
+    if gpu:
+        return str(gpu)
+    return f"{cpus}-core CPU" if cpus else "CPU (machine not recorded)"
 
 
 def _rates_of(d: dict[str, Any], source: str) -> list[Rate]:

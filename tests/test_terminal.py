@@ -83,7 +83,7 @@ def test_a_failing_flow_is_one_line_naming_its_log(prefect_harness, tmp_path, mo
     monkeypatch.setenv(terminal.LOG_DIR_ENV, str(tmp_path / "logs"))
     (tmp_path / "images").mkdir()
     (tmp_path / "images" / "a.png").write_bytes(b"x")  # a folder, but of no shards
-    args = ["train", "--shards", str(tmp_path / "images"), "--out", str(tmp_path / "o")]
+    args = ["train", str(tmp_path / "images"), "--out", str(tmp_path / "o")]
     r = CliRunner().invoke(app, [*args, "--epochs", "1"])
     assert r.exit_code == 1
     errors = [line for line in r.output.splitlines() if line.startswith("error:")]

@@ -537,3 +537,109 @@ WORD_TOP_IMAGES = pa.schema(
         ("score", pa.float32()),
     ]
 )
+
+
+# Learning to transfer (cvpipe/label/p2l.py, cvpipe/learn/shallow.py,
+# cvpipe/models/costs.py, cvpipe/experiments/p2l_validation.py, transfer_study.py).
+
+# A P2L-style ranking of candidate sources for one target: best first (rank 1).
+P2L_RANKING = pa.schema(
+    [
+        ("candidate", pa.string()),
+        ("size", pa.int64()),  # images of the source dataset
+        ("divergence", pa.float64()),  # D(target, source); see cvpipe/label/p2l.py
+        ("score", pa.float64()),  # w_size * log(size) - w_div * divergence
+        ("rank", pa.int32()),
+        ("checkpoint", pa.string()),  # the candidate's source model, when given
+    ]
+)
+
+# Fitted P2L weights (one row); the transfer results they came from are in the lineage.
+P2L_WEIGHTS = pa.schema(
+    [
+        ("w_size", pa.float64()),
+        ("w_div", pa.float64()),
+        ("metric", pa.string()),  # kl | cosine | l2
+        ("kind", pa.string()),  # the summaries' vector kind (anchors: mean | normalized | softmax)
+        ("kl_direction", pa.string()),
+        ("eps", pa.float64()),
+        ("targets", pa.int64()),
+        ("points", pa.int64()),
+        ("r2", pa.float64()),
+    ]
+)
+
+# A shallow learner on frozen features (cvpipe shallow): one row per fitted model.
+SHALLOW = pa.schema(
+    [
+        ("model", pa.string()),  # svm | logistic
+        ("top1", pa.float64()),  # test accuracy in [0, 1]
+        ("train", pa.int64()),  # labeled training vectors used
+        ("test", pa.int64()),  # labeled test vectors scored
+        ("classes", pa.int64()),
+        ("per_class", pa.int64()),  # labels kept per class (null: all)
+        ("c", pa.float64()),  # inverse regularization strength
+        ("unlabeled", pa.int64()),  # vectors whose key had no label in the truth index
+        ("fit_seconds", pa.float64()),
+    ]
+)
+
+# The footprint and speed of one model on one device (cvpipe/models/costs.py).
+MODEL_COSTS = pa.schema(
+    [
+        ("model", pa.string()),
+        ("arch", pa.string()),
+        ("input_size", pa.int32()),
+        ("params", pa.int64()),
+        ("checkpoint_bytes", pa.int64()),
+        ("peak_memory_mb", pa.float64()),
+        ("memory_kind", pa.string()),  # cuda_allocated | process_rss
+        ("latency_ms_b1", pa.float64()),  # per image at batch 1 (median)
+        ("batch", pa.int32()),
+        ("latency_ms_batched", pa.float64()),  # per image at `batch` (median)
+        ("device", pa.string()),
+        ("threads", pa.int32()),
+    ]
+)
+
+# One row per (target, source, seed) of an exhaustive transfer grid: the ground truth
+# of the P2L validation.
+TRANSFER_GRID = pa.schema(
+    [
+        ("target", pa.string()),
+        ("source", pa.string()),
+        ("seed", pa.int64()),
+        ("size", pa.int64()),
+        ("divergence", pa.float64()),
+        ("val_top1", pa.float64()),
+        ("test_top1", pa.float64()),
+    ]
+)
+
+# The P2L validation: one row per selector (p2l, largest, closest, paper figures).
+P2L_VALIDATION = pa.schema(
+    [
+        ("selector", pa.string()),
+        ("targets", pa.int64()),
+        ("best_picked", pa.int64()),  # targets where the pick is the best source
+        ("best_rate", pa.float64()),
+        ("mean_loss", pa.float64()),  # mean (best - picked) test top-1 over targets
+        ("max_loss", pa.float64()),
+        ("spearman", pa.float64()),  # mean over targets of rank correlation with top-1
+    ]
+)
+
+# Transfer methods on a target: one row per (target, labels per class, method, seed).
+TRANSFER_METHODS = pa.schema(
+    [
+        ("target", pa.string()),
+        ("per_class", pa.int64()),  # labeled images per class (null: all)
+        ("source", pa.string()),
+        ("method", pa.string()),  # svm, logistic, freeze-N, lr-mult, curriculum:...
+        ("freeze", pa.int32()),  # backbone stages frozen (null: not a fine-tune)
+        ("seed", pa.int64()),
+        ("val_top1", pa.float64()),
+        ("test_top1", pa.float64()),
+        ("train_seconds", pa.float64()),
+    ]
+)

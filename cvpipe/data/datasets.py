@@ -108,15 +108,19 @@ def export_photos(out: str, count: int = 1000, size: int = 256, seed: int = 0) -
     return count
 
 
-def class_manifest(folder: str, classes: str, out_csv: str, per_class: int | None = None) -> int:
+def class_manifest(
+    folder: str, classes: str, out_csv: str, per_class: int | None = None, offset: int = 0
+) -> int:
     """A manifest (image, label) of the images of ``folder/<class>/`` for the digit
     classes in ``classes`` (e.g. "89"), so a group of classes ingests as one dataset;
-    ``per_class`` keeps only the first images of each class (a small labeled set)."""
+    ``per_class`` keeps only the first images of each class (a small labeled set), from
+    the ``offset``-th on (disjoint slices of one folder: train, validation, test)."""
     rows = []
     for c in classes:
         class_dir = os.path.join(folder, c)
         if os.path.isdir(class_dir):
-            names = sorted(os.listdir(class_dir))[:per_class]
+            names = sorted(os.listdir(class_dir))[offset:]
+            names = names[:per_class]
             rows += [(os.path.join(class_dir, n), c) for n in names]
     return _write_manifest(rows, out_csv)
 

@@ -222,3 +222,141 @@ class WeakTeacherConfig(Strict):
         if self.weak.arch != self.semi_supervised.teacher.arch:
             raise ValueError("weak pretraining and the teacher must share one architecture")
         return self
+
+
+class DigitsGroup(Strict):
+    """A dataset of some digit classes, with at most ``per_class`` images of each."""
+
+    classes: str = Field(description='its digit classes, e.g. "0123"')
+    per_class: int | None = Field(None, ge=1, description="images per class (None: all)")
+
+
+def _default_sources() -> dict[str, DigitsGroup]:
+    return {
+        "s0123": DigitsGroup(classes="0123"),
+        "s4567": DigitsGroup(classes="4567", per_class=70),
+        "s89": DigitsGroup(classes="89"),
+        "s01234": DigitsGroup(classes="01234", per_class=40),
+        "s56789": DigitsGroup(classes="56789", per_class=24),
+        "s_all": DigitsGroup(classes="0123456789", per_class=10),
+    }
+
+
+class TransferDigits(Strict):
+    """The bundled digits as a transfer study. Each class is split (stratified, seeded)
+    into a source pool and a target pool. Sources are groups of classes of different
+    sizes drawn from the source pool; each target is a group of classes whose target
+    pool images are cut into test, validation and training slices."""
+
+    sources: dict[str, DigitsGroup] = Field(default_factory=_default_sources, min_length=2)
+    targets: dict[str, str] = Field(
+        default_factory=lambda: {
+            "t_odd": "13579",
+            "t_even": "02468",
+            "t147": "147",
+            "t258": "258",
+            "t369": "369",
+            "t0to9": "0123456789",
+        },
+        description="target name -> its digit classes",
+        min_length=1,
+    )
+    source_fraction: float = Field(0.5, gt=0, lt=1, description="share of each class for sources")
+    test_per_class: int = Field(30, ge=1)
+    val_per_class: int = Field(15, ge=1)
+    size: int = Field(16, ge=8)
+    shard_size: int = Field(200, ge=1)
+    seed: int = Field(0, description="seed of the source/target split (data, not training)")
+
+
+class P2LSettings(Strict):
+    """How the transfer study summarizes datasets and measures D(target, source)."""
+
+    kind: Literal["mean", "normalized", "softmax"] = "normalized"
+    metric: Literal["kl", "cosine", "l2"] = "kl"
+    kl_direction: Literal["image_anchor", "anchor_image"] = "image_anchor"
+    eps: float = Field(1e-8, gt=0)
+    fit_on: Literal["test", "val"] = Field(
+        "test",
+        description="which top-1 of the *other* targets the leave-one-target-out weights "
+        "are fitted on (the held-out target's results never are)",
+    )
+
+
+class CostCandidate(Strict):
+    """An architecture whose footprint and accuracy the study puts side by side."""
+
+    arch: str
+    input_size: int = Field(ge=8)
+    lr: float | None = Field(None, gt=0, description="learning rate (default: the configs')")
+
+
+class TransferStudyConfig(Strict):
+    """The "learn to transfer" study on one set of sources and targets: which source
+    (P2L, validated against exhaustive fine-tuning), which method (shallow learners on
+    frozen features vs fine-tuning at each freezing depth, with LR multipliers), which
+    curriculum, and what each choice costs; recommends for ``target``."""
+
+    root: str = Field(description="output root URL (data, models, tables, the report)")
+    digits: TransferDigits = Field(default_factory=TransferDigits)
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    reference: TrainConfig = Field(description="the reference model, on the union of sources")
+    source: TrainConfig = Field(description="pretraining of each source model")
+    finetune: TrainConfig = Field(description="fine-tuning on a target (the grid's method)")
+    finetune_min_steps: int = Field(
+        100,
+        ge=1,
+        description="optimizer steps every run on a target's labels takes at least "
+        "(smaller batches, then more epochs, for small label counts)",
+    )
+    p2l: P2LSettings = Field(default_factory=P2LSettings)
+    grid_per_class: int | None = Field(
+        5, ge=1, description="target labels per class in the exhaustive grid (None: all)"
+    )
+    target: str = Field(description="the target the report recommends for")
+    method_targets: list[str] = Field(
+        default_factory=list, description="targets of the methods table (besides target)"
+    )
+    label_counts: list[int | None] = Field(
+        default_factory=lambda: [5, 20, None], description="labels per class (null: all)"
+    )
+    freeze_depths: list[int] = Field(
+        default_factory=lambda: [0, 1, 2, 3], description="backbone stages frozen per fine-tune"
+    )
+    lr_multipliers: dict[str, float] = Field(
+        default_factory=lambda: {"conv1": 0.1, "conv2": 0.3},
+        description="stage -> LR multiplier of the 'lr-mult' fine-tune (nothing frozen)",
+    )
+    shallow: list[Literal["svm", "logistic"]] = Field(default_factory=lambda: ["svm", "logistic"])
+    c_grid: list[float] = Field(default_factory=lambda: [0.01, 0.1, 1.0, 10.0])
+    curricula: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="name -> datasets fine-tuned in turn before the target ('reference': the "
+        "reference model, else a source); compared with the direct fine-tune from the first",
+    )
+    archs: list[CostCandidate] = Field(
+        default_factory=lambda: [CostCandidate(arch="small_cnn", input_size=16)],
+        description="architectures in the cost table (trained on the recommended source)",
+    )
+    cost_batch: int = Field(64, ge=1, description="batch size of the batched latency")
+    latency_budget_ms: float | None = Field(
+        None, gt=0, description="recommend the most accurate architecture under this latency"
+    )
+    cost_threads: int = runtime(1, ge=1, description="torch threads of the CPU cost probe")
+
+    @model_validator(mode="after")
+    def _names_exist(self) -> TransferStudyConfig:
+        targets = set(self.digits.targets)
+        unknown = sorted({self.target, *self.method_targets} - targets)
+        if unknown:
+            raise ValueError(f"unknown target(s) {unknown}; the study has {sorted(targets)}")
+        steps = {"reference", *self.digits.sources}
+        for name, chain in self.curricula.items():
+            bad = [s for s in chain if s not in steps]
+            if not chain or bad:
+                raise ValueError(
+                    f"curriculum {name!r}: steps must be 'reference' or sources, got {chain}"
+                )
+        if len(self.digits.sources) < 2:
+            raise ValueError("P2L needs two or more sources")
+        return self

@@ -15,16 +15,20 @@ A shard whose outputs are all committed is skipped (its stats are read back). Th
 stage that runs groups of shards as work units is :class:`cvpipe.infer.stage.InferStage`.
 
 On CUDA the stage uses pinned memory, non-blocking copies, channels_last, bf16 autocast,
-and decodes JPEG on the GPU (nvjpeg, batched); results come back one batch late so the
-GPU always has the next batch queued while the host handles the previous one.
+and decodes JPEG on the GPU (nvjpeg, batched) in a thread of its own, one batch ahead of
+the model; results come back one batch late so the GPU always has the next batch queued
+while the host handles the previous one.
 """
 
 from __future__ import annotations
 
+import contextlib
+import queue
+import threading
 import time
 import warnings
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -40,7 +44,11 @@ from cvpipe.data.features import write_features
 from cvpipe.data.ingest import reject_summary, shard_summary
 from cvpipe.data.shards import Reject, shard_id, unit_url
 from cvpipe.infer.batches import STAGE, InferenceDataset
-from cvpipe.models import load_model, model_id, preprocess, resolve_device
+from cvpipe.models import cudnn_autotune, load_model, model_id, preprocess, resolve_device
+
+# Batches decoded ahead of the model when JPEGs are decoded on the device: two keep the
+# model fed while bounding the decoded images held in device memory.
+_DECODE_AHEAD = 2
 
 
 def predictions_url(out: str, sid: str) -> str:
@@ -154,7 +162,10 @@ class _Inflight:
     top_scores: torch.Tensor | None = None
     top_classes: torch.Tensor | None = None
     embeddings: torch.Tensor | None = None
-    clock: _Clock | None = None  # marks: start, host images on device, JPEGs decoded, done
+    x: torch.Tensor | None = None  # the model's input, until the model has run
+    ready: torch.cuda.Event | None = None  # recorded once x is on the device (CUDA)
+    # marks: start, host images on device, JPEGs decoded, model started, done
+    clock: _Clock | None = None
 
 
 class Teacher:
@@ -284,10 +295,10 @@ class Teacher:
             fl.meta.append((sid, key, position))
         return [torch.stack(kept).to(self.device)] if kept else []
 
-    def _launch(self, batch: dict[str, Any]) -> _Inflight:
-        """Start one batch: host-decoded images and device-decoded JPEGs go through the
-        model together. On CUDA nothing here waits for the GPU: results are copied to
-        pinned memory asynchronously and read by :meth:`_finish` one batch later."""
+    def _prepare(self, batch: dict[str, Any]) -> _Inflight:
+        """Put one batch's images on the device: host-decoded images copied, JPEGs
+        decoded there (:meth:`_gpu_images`), refused JPEGs decoded on the host. On CUDA
+        this runs in the decode thread, on its own stream (:meth:`_prepared`)."""
         fl = _Inflight(
             meta=list(batch["image_meta"]), rejects=list(batch["rejects"]), ends=list(batch["ends"])
         )
@@ -308,33 +319,99 @@ class Teacher:
             if failed:
                 parts += self._host_fallback([jpegs[i] for i in failed],
                                              [jpeg_meta[i] for i in failed], fl)  # fmt: skip
-        clock.mark()
         if parts:
             x = torch.cat(parts) if len(parts) > 1 else parts[0]
             if self.cuda:
                 x = x.contiguous(memory_format=torch.channels_last)
-            # cuDNN autotuning for this model only: the flag is restored afterwards, so
-            # other code in the process (training, evaluation) keeps its own setting.
-            with (
-                torch.inference_mode(),
-                torch.backends.cudnn.flags(enabled=True, benchmark=self.cuda),
-                torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cuda),
-            ):
-                logits, feats = self.model.forward_with_features(x)
-                top = torch.softmax(logits.float(), dim=1).topk(self.top_p, dim=1)
-            fl.top_scores = _to_host(top.values)
-            fl.top_classes = _to_host(top.indices.int())
-            if self.features:
-                fl.embeddings = _to_host(feats.float())
+            fl.x = x
         clock.mark()
+        if self.cuda:
+            fl.ready = torch.cuda.Event()
+            fl.ready.record()
+        return fl
+
+    def _prepared(self, loader: Iterable[dict[str, Any]]) -> Iterator[_Inflight]:
+        """Batches with their images on the device, in loader order.
+
+        With JPEGs decoded on the device, decoding batch i+1 overlaps the model on batch
+        i: a thread reads the loader and decodes on a stream of its own, at most
+        ``_DECODE_AHEAD`` batches ahead; the model's stream waits for each batch's decode
+        event. Without it (host decoding in the loader's workers) batches are prepared
+        inline."""
+        if not self.jpeg_on_device:
+            yield from (self._prepare(b) for b in loader)
+            return
+        ready: queue.Queue[_Inflight | BaseException | None] = queue.Queue(_DECODE_AHEAD)
+        stop = threading.Event()
+        stream = torch.cuda.Stream(self.device) if self.cuda else None
+
+        def put(item: _Inflight | BaseException | None) -> bool:
+            while not stop.is_set():
+                try:
+                    ready.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def decode() -> None:
+            try:
+                with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                    for batch in loader:
+                        if not put(self._prepare(batch)):
+                            return
+            except BaseException as e:  # handed to the consumer, raised there
+                put(e)
+            else:
+                put(None)
+
+        thread = threading.Thread(target=decode, name="cvpipe-decode", daemon=True)
+        thread.start()
+        try:
+            while (item := ready.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                if item.ready is not None:
+                    current = torch.cuda.current_stream(self.device)
+                    current.wait_event(item.ready)
+                    if item.x is not None:  # allocated on the decode stream, used on this one
+                        item.x.record_stream(current)
+                yield item
+        finally:
+            stop.set()
+            thread.join()
+
+    def _launch(self, fl: _Inflight) -> _Inflight:
+        """Run the model on a prepared batch. On CUDA nothing here waits for the GPU:
+        results are copied to pinned memory asynchronously and read by :meth:`_finish`
+        one batch later."""
+        if fl.x is None:
+            return fl
+        x, fl.x = fl.x, None
+        assert fl.clock is not None
+        fl.clock.mark()
+        # cuDNN autotuning for this model only: the flag is restored afterwards, so
+        # other code in the process (training, evaluation) keeps its own setting.
+        with (
+            torch.inference_mode(),
+            cudnn_autotune(self.cuda),
+            torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cuda),
+        ):
+            logits, feats = self.model.forward_with_features(x)
+            top = torch.softmax(logits.float(), dim=1).topk(self.top_p, dim=1)
+        fl.top_scores = _to_host(top.values)
+        fl.top_classes = _to_host(top.indices.int())
+        if self.features:
+            fl.embeddings = _to_host(feats.float())
+        fl.clock.mark()
         return fl
 
     # ------------------------------------------------------------------ results
 
     def _finish(self, fl: _Inflight, buffers: dict[str, _ShardBuffer], out: str) -> None:
         h2d_s = decode_s = forward_s = 0.0
-        if fl.clock is not None:
-            h2d_s, decode_s, forward_s = fl.clock.intervals()
+        if fl.clock is not None and len(fl.clock.marks) == 5:
+            h2d_s, decode_s, _queued, forward_s = fl.clock.intervals()
         if fl.meta and fl.top_classes is not None:
             classes = fl.top_classes.numpy()
             scores = fl.top_scores.numpy()
@@ -440,8 +517,8 @@ class Teacher:
                 **kwargs,
             )
             pending: _Inflight | None = None
-            for batch in loader:
-                fl = self._launch(batch)
+            for prepared in self._prepared(loader):
+                fl = self._launch(prepared)
                 if pending is not None:
                     self._finish(pending, buffers, out)
                 pending = fl

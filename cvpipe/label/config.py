@@ -156,3 +156,52 @@ class TargetsConfig(Strict):
         description="none, or sqrt: weight each sample by the mean of 1/sqrt(count) of its "
         "words, so a word is seen about sqrt(count) times per epoch (Mahajan et al. 2018)",
     )
+
+
+class Candidate(Strict):
+    """One candidate source of P2L: its source dataset and model."""
+
+    shards: str | list[str] | None = Field(
+        None, description="the source dataset's shards (summarized with the reference model)"
+    )
+    checkpoint: str | None = Field(None, description="the source model trained on them")
+    size: int | None = Field(None, ge=1, description="images of the source (default: counted)")
+
+
+class CandidatesFile(Strict):
+    """CANDIDATES.yaml of ``cvpipe p2l``: the candidates, and optionally their cached
+    summaries (an anchors Parquet built with the same reference model, one anchor per
+    candidate, e.g. by ``cvpipe anchors build``)."""
+
+    candidates: dict[str, Candidate] = Field(min_length=1)
+    summaries: str | None = Field(
+        None, description="anchors Parquet of the candidates (skips summarizing their shards)"
+    )
+
+
+class P2LConfig(Strict):
+    """P2L-style ranking of candidate sources for a target (cvpipe/label/p2l.py)."""
+
+    target: str | list[str] = Field(description="the target set's shards")
+    candidates: str = Field(description="CANDIDATES.yaml: name -> {shards, checkpoint, size}")
+    reference: str = Field(description="the reference model whose feature space compares them")
+    out: str = Field(description="writes OUT/ranking.parquet and OUT/summaries/")
+    kind: Literal["mean", "normalized", "softmax"] = Field(
+        "normalized", description="summary vectors (anchors kind); KL needs normalized/softmax"
+    )
+    metric: Literal["kl", "cosine", "l2"] = "kl"
+    kl_direction: Literal["image_anchor", "anchor_image"] = Field(
+        "image_anchor", description="image_anchor: KL(target || source)"
+    )
+    eps: float = Field(1e-8, gt=0, description="KL: added to every entry before renormalizing")
+    w_size: float = Field(1.0, description="weight of log(source size)")
+    w_div: float = Field(1.0, description="weight of the divergence")
+    weights: str | None = Field(
+        None,
+        description="fitted weights (p2l_weights.parquet of cvpipe transfer): replace "
+        "w_size, w_div, metric, kind, kl_direction and eps",
+    )
+    batch_size: int = runtime(256, ge=1)
+    device: str = runtime("auto")
+    num_workers: int = runtime(0, ge=0)
+    cpu_threads: int | None = runtime(None, ge=1, description="torch threads on CPU")

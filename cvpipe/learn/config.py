@@ -143,3 +143,23 @@ class WeakTrainConfig(Strict):
         default_factory=list, description="words whose top images to show (default: first 8)"
     )
     top_images: int = Field(8, ge=1, description="images per shown word")
+
+
+class ShallowConfig(Strict):
+    """A shallow learner on frozen features (cvpipe/learn/shallow.py)."""
+
+    features: str | list[str] = Field(description="training features (the inference stage's)")
+    truth: str = Field(description="ingest root whose index/ holds the labels, joined by key")
+    test: str | list[str] = Field(description="test features")
+    model: Literal["svm", "logistic"] = "svm"
+    out: str = Field(description="writes OUT/shallow.parquet and OUT/shallow_head.npz")
+    val: str | list[str] | None = Field(
+        None, description="validation features: choose C from --c-grid on them"
+    )
+    test_truth: str | None = Field(None, description="ingest root of the test/val labels")
+    per_class: int | None = Field(None, ge=1, description="labels kept per class (None: all)")
+    c: float = Field(1.0, gt=0, description="inverse regularization (without --val)")
+    c_grid: list[float] = Field(
+        default_factory=lambda: [0.01, 0.1, 1.0, 10.0], description="C values tried on --val"
+    )
+    seed: int = 0

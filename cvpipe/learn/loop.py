@@ -19,7 +19,6 @@ The files of a run, and how an epoch is committed and resumed: :mod:`cvpipe.lear
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import math
@@ -255,23 +254,6 @@ def committed_run_hash(out: str) -> str | None:
     return models.load_info(final_url(out)).lineage.get("run_hash")
 
 
-def _cudnn_autotune(cuda: bool) -> contextlib.AbstractContextManager[Any]:
-    """cuDNN autotuning for this run only: a process-wide flag would leak into other
-    code in the process (evaluation, inference)."""
-    if not cuda:
-        return contextlib.nullcontext()
-    c = torch.backends.cudnn
-    return c.flags(
-        enabled=c.enabled,
-        benchmark=True,
-        benchmark_limit=None,
-        deterministic=c.deterministic,
-        allow_tf32=c.allow_tf32,
-        fp32_precision=None,
-        depthwise_kernel=None,
-    )
-
-
 def train(
     task: TrainTask,
     cfg: TrainConfig,
@@ -346,7 +328,7 @@ def train(
 
     schema = tables.metrics_schema(task.metric_names)
     rejects: list[dict[str, str]] = []
-    with _cudnn_autotune(cuda):
+    with models.cudnn_autotune(cuda):
         for epoch in range(start_epoch, cfg.epochs):
             e = epoch + 1
             train_ds.set_epoch(epoch)

@@ -29,7 +29,7 @@ from cvpipe.models.detection import (
     load_detector,
     transfer_backbone,
 )
-from cvpipe.models.device import DeviceError, cpu_threads, resolve_device
+from cvpipe.models.device import DeviceError, cpu_threads, cudnn_autotune, resolve_device
 from cvpipe.models.nets import (
     ARCHITECTURES,
     IMAGENET_MEAN,
@@ -74,6 +74,7 @@ __all__ = [
     "build_detector",
     "check_fits",
     "cpu_threads",
+    "cudnn_autotune",
     "detector_head_modules",
     "detector_stage_modules",
     "load_checkpoint",

@@ -39,3 +39,21 @@ def cpu_threads(n: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
+def cudnn_autotune(on: bool) -> Iterator[None]:
+    """cuDNN autotuning (``benchmark``) for one block only, every other cuDNN setting
+    left as it is. The flag is process-wide: set for good, it would leak into other code
+    in the process (evaluation, inference of another model). ``cudnn.flags`` is not used
+    because it resets the settings it is not given and its arguments vary across torch
+    releases."""
+    if not on:
+        yield
+        return
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before

@@ -19,7 +19,9 @@ def curves_png(rows: Sequence[Mapping[str, Any]]) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [k for k in (rows[0] if rows else {}) if k not in NOT_METRICS]
+    # Splits may report different quantities (a detector's train rows hold its losses,
+    # its val rows mAP): every quantity any row has gets a panel.
+    names = [k for k in dict.fromkeys(k for r in rows for k in r) if k not in NOT_METRICS]
     fig, axes = plt.subplots(
         1, max(1, len(names)), figsize=(3.6 * max(1, len(names)), 3.0), squeeze=False
     )
@@ -28,7 +30,7 @@ def curves_png(rows: Sequence[Mapping[str, Any]]) -> bytes:
             points = [
                 (r["epoch"], r[name])
                 for r in rows
-                if r["split"] == split and r[name] is not None and not math.isnan(r[name])
+                if r["split"] == split and r.get(name) is not None and not math.isnan(r[name])
             ]
             if points:
                 xs, ys = zip(*points, strict=True)

@@ -147,12 +147,13 @@ def detect_eval(
 ) -> None:
     """mAP@[.5:.95], mAP@.5, per-class AP and a PNG of boxes (torchmetrics)."""
     from cvpipe.core import storage
-    from cvpipe.learn.detect_eval import DetectEvalJob
-    from flows.detection import detect_eval_flow
 
     if out is None:
         out = storage.join(checkpoint.rsplit("/", 1)[0] if "/" in checkpoint else ".", "eval")
     urls = _eval_inputs(checkpoint, shards, out, device)
+    from cvpipe.learn.detect_eval import DetectEvalJob
+    from flows.detection import detect_eval_flow
+
     job = DetectEvalJob(checkpoint=checkpoint, shards=urls, out=out, split=split,
                         batch_size=batch_size, device=device)  # fmt: skip
     res = run_flow(detect_eval_flow, job)
@@ -251,10 +252,11 @@ def localize_eval(
 ) -> None:
     """Top-1, mean IoU, the IoU >= 0.5 rate and both right, of a localizer."""
     from cvpipe.core import storage
-    from flows.detection import localize_eval_flow
 
     if out is None:
         out = storage.join(checkpoint.rsplit("/", 1)[0] if "/" in checkpoint else ".", "eval")
     urls = _eval_inputs(checkpoint, shards, out, device)
+    from flows.detection import localize_eval_flow
+
     row = run_flow(localize_eval_flow, checkpoint, urls, out, split, device)
     print_table([row], f"localize eval {checkpoint}")

@@ -97,11 +97,13 @@ def run_flow(fn: Any, *args: Any, **kwargs: Any) -> Any:
         fail(error_text(e), e)
 
 
-def check(checks: preflight.Checks) -> None:
-    """The preflight: seconds, before any flow; a bad value is one error line. Once it
-    passes, the command's local Prefect API starts in the background."""
+def check(checks: preflight.Checks, then: Any = None) -> Any:
+    """The preflight: seconds, before any flow; a bad value is one error line. ``then()``
+    (e.g. listing the shards) runs next, its PreflightError one line too; its result is
+    returned. Once both pass, the command's local Prefect API starts in the background."""
     try:
         preflight.run(checks)
+        result = then() if then is not None else None
     except preflight.PreflightError as e:
         fail(str(e))
     except Exception as e:  # a check that broke: say which, keep the traceback
@@ -110,14 +112,26 @@ def check(checks: preflight.Checks) -> None:
         from flows import local_api
 
         local_api.start_early()
+    return result
 
 
-def checked(spec: Spec, run: Any, own: dict[str, tuple[str, str]] | None = None) -> Any:
+def checked(
+    spec: Spec,
+    run: Any,
+    own: dict[str, tuple[str, str]] | None = None,
+    fields: dict[str, str] | None = None,
+) -> Any:
     """``run(config, **values)`` after the preflight of the config's fields and of the
-    command's own flags (``own``: parameter -> (flag, kind))."""
+    command's own flags (``own``: parameter -> (flag, kind)); ``fields`` (field -> kind)
+    names the fields whose names do not tell what they are (``init``, ``embeddings``)."""
 
     def go(config: Any, **values: Any) -> Any:
-        checks = preflight.for_config(config, preflight.flags_of(spec))
+        flags = preflight.flags_of(spec)
+        checks = preflight.for_config(config, flags)
+        for name, kind in (fields or {}).items():
+            checks.add(
+                kind, flags.get(name) or "--" + name.replace("_", "-"), getattr(config, name)
+            )
         for name, (flag, kind) in (own or {}).items():
             checks.add(kind, flag, values.get(name))
         check(checks)

@@ -61,6 +61,33 @@ def fail(message: str) -> None:
     _cli().fail(message)
 
 
+def checked(spec: Spec, run: Any, **how: Any) -> Any:
+    """flows.cli.checked (the preflight, then ``run``), found when the command runs."""
+    return lambda config, **values: _cli().checked(spec, run, **how)(config, **values)
+
+
+def _eval_inputs(checkpoint: str, shards: str, out: str, device: str) -> list[str]:
+    """The preflight of an eval command, then its shard URLs, before the Prefect API
+    starts; each problem is one error line."""
+    from cvpipe.core import storage
+    from flows import preflight
+
+    def shard_urls() -> list[str]:
+        try:
+            return storage.expand_urls(shards, ".tar")
+        except (OSError, ValueError) as e:  # e.g. a folder with no .tar files in it
+            fix = "give .tar shards: a file, a folder of them or a {a..b} pattern"
+            raise preflight.PreflightError("--shards", shards, str(e), fix) from None
+
+    checks = preflight.Checks(
+        inputs={"--shards": shards},
+        checkpoints={"CHECKPOINT": checkpoint},
+        outputs={"--out": out},
+        devices={"--device": device},
+    )
+    return _cli().check(checks, then=shard_urls)
+
+
 def _canvases(config: CanvasesConfig) -> None:
     from flows.datasets import canvases_flow
 
@@ -70,11 +97,14 @@ def _canvases(config: CanvasesConfig) -> None:
     print_table(rows, f"canvases -> {config.out}/shards")
 
 
+_CANVASES_SPEC = Spec(
+    CanvasesConfig, positional={"out": "output root: canvases/ and shards/<split>/"}
+)
 config_command(
     datasets_app,
     "canvases",
-    Spec(CanvasesConfig, positional={"out": "output root: canvases/ and shards/<split>/"}),
-    _canvases,
+    _CANVASES_SPEC,
+    checked(_CANVASES_SPEC, _canvases),
     help="Real digit scans on real photo canvases with exact boxes (labeled, unlabeled, "
     "test), ingested into OUT/shards/<split>/canvases-NNNNNN.tar.",
     load_yaml=load_yaml,
@@ -87,15 +117,20 @@ def _detect_train(config: DetectTrainConfig) -> None:
     print_summary(run_flow(detect_train_flow, config), "detect train")
 
 
+_DETECT_TRAIN_SPEC = Spec(
+    DetectTrainConfig,
+    positional={"shards": "boxed training shards"},
+    exclude=NOT_FOR_DETECTION | {"boxes_field"},
+)
 config_command(
     detect_app,
     "train",
-    Spec(
-        DetectTrainConfig,
-        positional={"shards": "boxed training shards"},
-        exclude=NOT_FOR_DETECTION | {"boxes_field"},
-    ),  # fmt: skip
-    _detect_train,
+    _DETECT_TRAIN_SPEC,
+    checked(
+        _DETECT_TRAIN_SPEC,
+        _detect_train,
+        fields={"val": "inputs", "test": "inputs", "init": "checkpoints"},
+    ),
     help="Train a Faster R-CNN on boxed shards (resumes after a crash).",
     load_yaml=load_yaml,
 )
@@ -112,24 +147,30 @@ def detect_eval(
 ) -> None:
     """mAP@[.5:.95], mAP@.5, per-class AP and a PNG of boxes (torchmetrics)."""
     from cvpipe.core import storage
-    from cvpipe.learn.detect_eval import DetectEvalJob
-    from flows.detection import detect_eval_flow
 
     if out is None:
         out = storage.join(checkpoint.rsplit("/", 1)[0] if "/" in checkpoint else ".", "eval")
-    job = DetectEvalJob(checkpoint=checkpoint, shards=storage.expand_urls(shards, ".tar"),
-                        out=out, split=split, batch_size=batch_size, device=device)  # fmt: skip
+    urls = _eval_inputs(checkpoint, shards, out, device)
+    from cvpipe.learn.detect_eval import DetectEvalJob
+    from flows.detection import detect_eval_flow
+
+    job = DetectEvalJob(checkpoint=checkpoint, shards=urls, out=out, split=split,
+                        batch_size=batch_size, device=device)  # fmt: skip
     res = run_flow(detect_eval_flow, job)
     print_table([res.row(split)], f"detect eval {checkpoint}")
     print_table(res.per_class, "per-class AP")
     typer.echo(f"tables and {res.urls.get('png')} in {out}")
 
 
+_LABEL_SPEC = Spec(PseudoBoxConfig, positional={"checkpoint": "the detection checkpoint (teacher)"})
 config_command(
     detect_app,
     "label",
-    Spec(PseudoBoxConfig, positional={"checkpoint": "the detection checkpoint (teacher)"}),
-    lambda config: print_summary(run_flow(_flow("detect_label_flow"), config), "pseudo-boxes"),
+    _LABEL_SPEC,
+    checked(
+        _LABEL_SPEC,
+        lambda config: print_summary(run_flow(_flow("detect_label_flow"), config), "pseudo-boxes"),
+    ),
     help="Pseudo-boxes: a detector over unlabeled shards, boxes above a threshold after NMS.",
     load_yaml=load_yaml,
 )
@@ -152,6 +193,12 @@ def detect_study(
         cfg = DetectionStudyConfig(**raw)
     except ValidationError as e:
         fail(str(e))
+    cli = _cli()
+    checks = cli.experiment_checks(cfg, config)
+    checks.add("checkpoints", f"{config}: backbone", cfg.backbone)
+    if root:
+        checks.outputs = {"--root": cfg.root}
+    cli.check(checks)
     result = run_flow(_flow("detection_flow"), cfg)
     typer.echo(result["markdown"])
     typer.echo(json.dumps({k: result[k] for k in ("parquet", "md", "png")}))
@@ -177,15 +224,16 @@ def _localize_train(config: Any) -> None:
 def _register_localize() -> None:
     from cvpipe.learn.localize import NOT_FOR_LOCALIZATION, LocalizeTrainConfig
 
+    spec = Spec(
+        LocalizeTrainConfig,
+        positional={"shards": "single-object boxed shards"},
+        exclude=NOT_FOR_LOCALIZATION,
+    )
     config_command(
         localize_app,
         "train",
-        Spec(
-            LocalizeTrainConfig,
-            positional={"shards": "single-object boxed shards"},
-            exclude=NOT_FOR_LOCALIZATION,
-        ),  # fmt: skip
-        _localize_train,
+        spec,
+        checked(spec, _localize_train, fields={"test": "inputs", "init": "checkpoints"}),
         help="Train a localizer (class + one box) on single-object shards.",
         load_yaml=load_yaml,
     )
@@ -204,10 +252,11 @@ def localize_eval(
 ) -> None:
     """Top-1, mean IoU, the IoU >= 0.5 rate and both right, of a localizer."""
     from cvpipe.core import storage
-    from flows.detection import localize_eval_flow
 
     if out is None:
         out = storage.join(checkpoint.rsplit("/", 1)[0] if "/" in checkpoint else ".", "eval")
-    row = run_flow(localize_eval_flow, checkpoint, storage.expand_urls(shards, ".tar"), out,
-                   split, device)  # fmt: skip
+    urls = _eval_inputs(checkpoint, shards, out, device)
+    from flows.detection import localize_eval_flow
+
+    row = run_flow(localize_eval_flow, checkpoint, urls, out, split, device)
     print_table([row], f"localize eval {checkpoint}")

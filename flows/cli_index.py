@@ -36,6 +36,11 @@ def _yaml(path: str) -> dict[str, Any]:
     return _cli().load_yaml(path)
 
 
+def _checked(spec: Spec, run: Any, **how: Any) -> Any:
+    """flows.cli.checked (the preflight, then ``run``), found when the command runs."""
+    return lambda config, **values: _cli().checked(spec, run, **how)(config, **values)
+
+
 def _summary(flow_name: str, title: str) -> Any:
     def run(config: Any) -> None:
         import flows.index as index_flows
@@ -46,23 +51,33 @@ def _summary(flow_name: str, title: str) -> Any:
     return run
 
 
+_BUILD_SPEC = Spec(
+    IndexBuildConfig, positional={"embeddings": "features Parquet: folder, prefix or file"}
+)
 config_command(
     index_app,
     "build",
-    Spec(IndexBuildConfig, positional={"embeddings": "features Parquet: folder, prefix or file"}),
-    _summary("index_build_flow", "index build"),
+    _BUILD_SPEC,
+    _checked(
+        _BUILD_SPEC, _summary("index_build_flow", "index build"), fields={"embeddings": "inputs"}
+    ),
     help="Build a FAISS index of every vector, chosen by size and memory budget.",
     load_yaml=_yaml,
 )
 
+_ADD_SPEC = Spec(
+    IndexAddConfig,
+    positional={"index": "the index folder", "embeddings": "features Parquet to add"},
+)
 config_command(
     index_app,
     "add",
-    Spec(
-        IndexAddConfig,
-        positional={"index": "the index folder", "embeddings": "features Parquet to add"},
+    _ADD_SPEC,
+    _checked(
+        _ADD_SPEC,
+        _summary("index_add_flow", "index add"),
+        fields={"index": "inputs", "embeddings": "inputs"},
     ),
-    _summary("index_add_flow", "index add"),
     help="Add new embeddings (e.g. a new partition) to a built index, without a rebuild.",
     load_yaml=_yaml,
 )
@@ -91,12 +106,24 @@ def index_query(
             cli.fail("--embeddings needs --out NEIGHBORS.parquet")
         config = cli.parse_config(QueryConfig, index=index, embeddings=embeddings, out=out, k=k,
                                   nprobe=nprobe, threads=threads)  # fmt: skip
+        from flows import preflight
+
+        cli.check(preflight.Checks(inputs={"INDEX": index, "--embeddings": embeddings},
+                                   outputs={"--out": out}))  # fmt: skip
         _summary("index_query_flow", "index query")(config)
         return
     if image is not None and model is None:
         cli.fail("--image needs --model (the checkpoint that made the index's vectors)")
     if sheet is not None and shards is None:
         cli.fail("--sheet needs --shards (where the neighbours' images are)")
+    from flows import preflight
+
+    checks = preflight.Checks()
+    for kind, flag, value in (("inputs", "INDEX", index), ("inputs", "--image", image),
+                              ("inputs", "--shards", shards), ("checkpoints", "--model", model),
+                              ("outputs", "--sheet", sheet)):  # fmt: skip
+        checks.add(kind, flag, value)
+    cli.check(checks)
     hits, picture = cli.run_flow(_single_query, index, key, image, model, k, nprobe, threads)
     cli.print_table(
         [{"rank": h.rank, "key": h.key, "shard": h.shard, "distance": f"{h.distance:.4f}"}
@@ -138,15 +165,16 @@ def _siamese_train(config: SiameseTrainConfig) -> None:
     cli.print_summary(cli.run_flow(siamese_train_flow, config), "siamese train")
 
 
+_SIAMESE_SPEC = Spec(
+    SiameseTrainConfig,
+    positional={"shards": "training shards"},
+    aliases={"init": ["--from", "--init"]},
+)
 config_command(
     siamese_app,
     "train",
-    Spec(
-        SiameseTrainConfig,
-        positional={"shards": "training shards"},
-        aliases={"init": ["--from", "--init"]},
-    ),
-    _siamese_train,
+    _SIAMESE_SPEC,
+    _checked(_SIAMESE_SPEC, _siamese_train, fields={"val": "inputs", "init": "checkpoints"}),
     help="Train an embedding net through the shared loop on pairs mined from labels.",
     load_yaml=_yaml,
 )
@@ -163,6 +191,14 @@ def siamese_run(
 
     cli = _cli()
     cfg = cli.load_yaml_config(config, SiameseConfig, root=root)
+    checks = cli.experiment_checks(cfg, config)
+    for name in ("train_shards", "eval_shards", "labels"):
+        checks.add("inputs", f"{config}: {name}", getattr(cfg, name))
+    checks.add("checkpoints", f"{config}: teacher", cfg.teacher)
+    checks.add("devices", f"{config}: device", cfg.device)
+    if root:
+        checks.outputs = {"--root": cfg.root}
+    cli.check(checks)
     result = cli.run_flow(siamese_flow, cfg)
     typer.echo(result["markdown"])
     typer.echo(f"projection: {result['projection']}")
@@ -172,11 +208,12 @@ def register(app: typer.Typer) -> None:
     """Add ``index``, ``dedup`` and ``siamese`` to the ``cvpipe`` app."""
     app.add_typer(index_app, name="index")
     app.add_typer(siamese_app, name="siamese")
+    spec = Spec(DedupConfig, positional={"index": "the index folder"})
     config_command(
         app,
         "dedup",
-        Spec(DedupConfig, positional={"index": "the index folder"}),
-        _dedup,
+        spec,
+        _checked(spec, _dedup, fields={"index": "inputs", "embeddings": "inputs"}),
         help="Mark near-duplicates: keys whose earlier-added neighbour is within --threshold.",
         load_yaml=_yaml,
     )

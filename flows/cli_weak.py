@@ -22,6 +22,18 @@ def _load_yaml(path: str) -> dict[str, Any]:
     return load_yaml(path)
 
 
+def _checked(spec: Spec, run: Any, **how: Any) -> Any:
+    """flows.cli.checked (the preflight, then ``run``), found when the command runs
+    (flows.cli imports this module)."""
+
+    def go(config: Any, **values: Any) -> Any:
+        from flows.cli import checked
+
+        return checked(spec, run, **how)(config, **values)
+
+    return go
+
+
 def _vocab(config: VocabConfig) -> None:
     from cvpipe.label.vocab import vocab_markdown
     from flows.cli import print_summary, run_flow
@@ -68,13 +80,15 @@ def words(
     k: int = typer.Option(10, "-k", "--k", help="how many nearest words"),
 ) -> None:
     """The words nearest to a word in a weakly supervised model's output layer (cosine)."""
-    from flows.cli import print_table, run_flow
+    from flows import preflight
+    from flows.cli import check, print_table, run_flow
     from flows.weak import words_flow
 
     if k < 1:
         from flows.cli import fail
 
         fail("-k must be >= 1")
+    check(preflight.Checks(checkpoints={"CHECKPOINT": checkpoint}))
     print_table(run_flow(words_flow, checkpoint, query, k), f"nearest words to {query!r}")
 
 
@@ -117,29 +131,40 @@ def run_weak_demo(out: str) -> None:
     typer.echo(f"top images per word: {out}/model/eval/top_images.png")
 
 
+_TRAIN_WEAK_FLAGS = {
+    "shards": ("SHARDS", "inputs"),
+    "vocab": ("--vocab", "inputs"),
+    "out": ("--out", "outputs"),
+    "test": ("--test", "inputs"),
+    "val": ("--val", "inputs"),
+}
+
+
 def register(app: typer.Typer) -> None:
     """Add the weak-supervision commands to ``app``."""
+    vocab_spec = Spec(VocabConfig, positional={"shards": "captioned shards (URL, folder, {a..b})"})
     config_command(
         app,
         "vocab",
-        Spec(VocabConfig, positional={"shards": "captioned shards (URL, folder, {a..b})"}),
-        _vocab,
+        vocab_spec,
+        _checked(vocab_spec, _vocab, fields={"synonyms": "inputs"}),
         help="The vocabulary of captions and hashtags: counted per shard, merged as a tree.",
         load_yaml=_load_yaml,
+    )
+    train_spec = Spec(
+        TrainConfig,
+        aliases={
+            "freeze_stages": ["--freeze", "--freeze-stages"],
+            "lr_multipliers": ["--lr-mult", "--lr-multipliers"],
+            "new_head": ["--new-head/--keep-head"],
+        },
+        exclude={"classes"},  # the vocabulary is the class list
     )
     config_command(
         app,
         "train-weak",
-        Spec(
-            TrainConfig,
-            aliases={
-                "freeze_stages": ["--freeze", "--freeze-stages"],
-                "lr_multipliers": ["--lr-mult", "--lr-multipliers"],
-                "new_head": ["--new-head/--keep-head"],
-            },
-            exclude={"classes"},  # the vocabulary is the class list
-        ),
-        _train_weak,
+        train_spec,
+        _checked(train_spec, _train_weak, own=_TRAIN_WEAK_FLAGS),
         extra=_TRAIN_WEAK_EXTRA,
         help="Train on the words of captions and hashtags (Joulin et al. 2016); with --test, "
         "precision@k against the frequency baseline. --config is a TrainConfig YAML.",

@@ -127,3 +127,101 @@ def test_s3_bucket_must_exist_and_a_good_one_passes(s3_root):
     s3fs.S3FileSystem().pipe(f"{s3_root}/in/a.jpg", b"x")
     preflight.run(Checks(inputs={"SOURCE": f"{s3_root}/in/"}, outputs={"--out": f"{s3_root}/o"}))
     _fails(Checks(inputs={"SOURCE": f"{s3_root}/missing/"}), "does not exist")
+
+
+def _commands(t: Path, ckpt: str) -> dict[str, tuple[list[str], str, str]]:
+    """case -> (the command line, the flag its error names, what the line says); every
+    path under ``t``: ``nope`` is missing, ``data`` exists, ``text.pt`` is no model."""
+    nope, data, text, out = f"{t}/nope", f"{t}/data", f"{t}/text.pt", f"{t}/o"
+    unwritable = "/proc/cvpipe-out"  # /proc takes no new files, even from root
+    missing, no_model = "does not exist", "is not a checkpoint"
+    return {
+        "detect train": (["detect", "train", nope, "--out", out], "SHARDS", missing),
+        "detect train --init": (["detect", "train", data, "--out", out, "--init", text],
+                                "--init", no_model),
+        "detect eval": (["detect", "eval", ckpt, "--shards", nope, "--out", out], "--shards",
+                        missing),
+        "detect eval no tars": (["detect", "eval", ckpt, "--shards", f"{t}/notars", "--out", out],
+                                "--shards", "no committed *.tar files"),
+        "detect eval checkpoint": (["detect", "eval", text, "--shards", data, "--out", out],
+                                   "CHECKPOINT", no_model),
+        "detect label": (["detect", "label", ckpt, "--shards", nope, "--out", out], "--shards",
+                         missing),
+        "detect study": (["detect", "study", "--config", f"{t}/study.yaml"],
+                         f"{t}/study.yaml: labeled", missing),
+        "localize train": (["localize", "train", nope, "--out", out], "SHARDS", missing),
+        "localize eval": (["localize", "eval", ckpt, "--shards", nope, "--out", out], "--shards",
+                          missing),
+        "localize eval no tars": (["localize", "eval", ckpt, "--shards", f"{t}/notars", "--out",
+                                   out], "--shards", "no committed *.tar files"),
+        "vocab": (["vocab", nope, "--out", out, "--size", "8"], "SHARDS", missing),
+        "vocab --synonyms": (["vocab", data, "--out", out, "--size", "8", "--synonyms", nope],
+                             "--synonyms", missing),
+        "train-weak": (["train-weak", data, "--vocab", nope, "--out", out], "--vocab", missing),
+        "train-weak --out": (["train-weak", data, "--vocab", data, "--out", unwritable], "--out",
+                             "not writable"),
+        "words": (["words", text, "--query", "seven"], "CHECKPOINT", no_model),
+        "index build": (["index", "build", nope, "--out", out], "EMBEDDINGS", missing),
+        "index build --out": (["index", "build", data, "--out", unwritable], "--out",
+                              "not writable"),
+        "index add": (["index", "add", data, nope], "EMBEDDINGS", missing),
+        "index query": (["index", "query", nope, "--key", "k"], "INDEX", missing),
+        "index query --model": (["index", "query", data, "--image", f"{data}/a.png", "--model",
+                                 text], "--model", no_model),
+        "index query --embeddings": (["index", "query", data, "--embeddings", nope, "--out",
+                                      f"{out}/n.parquet"], "--embeddings", missing),
+        "siamese train": (["siamese", "train", data, "--out", out, "--from", text], "--from",
+                          no_model),
+        "siamese run": (["siamese", "run", f"{t}/siamese.yaml"], f"{t}/siamese.yaml: train_shards",
+                        missing),
+        "dedup": (["dedup", nope, "--threshold", "0.1", "--out", f"{out}/d.parquet"], "INDEX",
+                  missing),
+        "datasets canvases": (["datasets", "canvases", unwritable], "OUT", "not writable"),
+    }  # fmt: skip
+
+
+_CASES = list(_commands(Path("t"), "c"))
+
+
+@pytest.mark.parametrize("case", _CASES)
+def test_bad_input_stops_every_command_before_its_flow(
+    case, tmp_path, random_checkpoint, monkeypatch
+):
+    """One ``error:`` line naming the flag (exit 1), nothing written, and no Prefect API
+    started: the console script starts it once the preflight has passed, so here (where
+    the command owns the API as there) starting one fails the test."""
+    from typer.testing import CliRunner
+
+    from flows import cli, local_api, terminal
+
+    (tmp_path / "text.pt").write_text("not a model\n")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.png").write_bytes(b"x")
+    (tmp_path / "notars").mkdir()
+    (tmp_path / "notars" / "a.txt").write_text("x")
+    data = tmp_path / "data"
+    (tmp_path / "study.yaml").write_text(
+        f"root: {tmp_path}/o\nlabeled: {tmp_path}/nope\nunlabeled: {data}\ntest: {data}\n"
+    )
+    (tmp_path / "siamese.yaml").write_text(
+        f"root: {tmp_path}/o\ndigits: null\ntrain_shards: {tmp_path}/nope\neval_shards: {data}\n"
+    )
+    args, flag, says = _commands(tmp_path, random_checkpoint)[case]
+
+    def no_api(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a Prefect API was started")
+
+    monkeypatch.setattr(local_api, "LocalAPI", no_api)
+    monkeypatch.setattr(cli, "_owns_api", True)  # as under the console script
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.setenv(terminal.LOG_DIR_ENV, str(tmp_path / "logs"))
+    try:
+        r = CliRunner().invoke(cli.app, args)
+    finally:
+        terminal.stop()  # main() does this when it owns the API
+    assert r.exit_code == 1, (r.output, r.exception)
+    lines = r.output.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {flag} "), r.output
+    assert says in lines[0], lines[0]
+    assert "prefect" not in r.output.lower()
+    assert not (tmp_path / "o").exists()

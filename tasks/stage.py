@@ -3,7 +3,7 @@
 The task takes small, picklable arguments (the stage class, its config, the unit), so
 it runs the same on threads, a Dask cluster or Ray: each worker process builds the
 stage once (:func:`cvpipe.core.stage.cached_stage`) and reuses it, model included.
-Its name, tags, retries and timeout come from the stage's class attributes; errors a
+Its name, retries and timeout come from the stage's class attributes; errors a
 retry cannot fix (:class:`cvpipe.core.stage.PermanentError`, a config that does not
 validate) are not retried.
 """
@@ -40,10 +40,6 @@ def _retry_condition(task: Task, task_run: Any, state: Any) -> bool:
     return not is_permanent(state.data if isinstance(state.data, BaseException) else None)
 
 
-def stage_tags(cls: type[Stage]) -> list[str]:
-    return [f"stage:{cls.name}"] + (["gpu"] if cls.resources.gpus > 0 else [])
-
-
 def gpu_limit_name() -> str:
     """The global concurrency limit that admits GPU units on this host: ``gpu:<host>``,
     or ``CVPIPE_GPU_LIMIT`` (e.g. ``gpu:<host>:<device>`` for workers pinned to one
@@ -78,11 +74,16 @@ def run_stage_unit(stage_cls: type[Stage], config: BaseModel, unit: Unit) -> Any
 
 
 def unit_task(stage_cls: type[Stage]) -> Task:
-    """The generic task dressed for one stage: its name, tags, retries and timeout."""
+    """The generic task dressed for one stage: its name, retries and timeout.
+
+    Task runs carry no tags, on purpose: Prefect acquires a concurrency lease for the
+    tags of every tagged task run, and that stalled about one unit in twenty for ~2 s
+    here (a 100-unit stage of 0.4 s units: +34% over a plain loop with the tags, see
+    benchmarks/bench_orchestration.py). The stage's name is the task's name, which the
+    UI filters on; GPU admission is the per-host limit taken in :func:`run_stage_unit`."""
     return run_stage_unit.with_options(
         name=stage_cls.name,
         task_run_name=f"{stage_cls.name} {{unit.name}}",
-        tags=stage_tags(stage_cls),
         retries=stage_cls.retries,
         retry_delay_seconds=stage_cls.retry_delay_s,
         retry_condition_fn=_retry_condition,

@@ -1,6 +1,8 @@
 """The mission as one DAG of dependent subflows, run per partition.
 
-    data -> ingest (D, test, the partition) -> teacher (trained on D) -> shard checks and
+    data -> ingest (D, test, the partition) -> weak labels (vocabulary and word targets of
+                                               the partition's captions)
+                                            -> teacher (trained on D) -> shard checks and
     inference on the partition -> anchor labels of the partition
                                -> top-K selection over every partition so far
                                   -> materialize D^ -> student pretrained on D^
@@ -22,6 +24,7 @@ work):
 
     png/, manifests/              the bundled digits, exported once (digits data only)
     shards/{labeled,test,<partition>,anchor-*}/   ingested shards + index/ + rejects/
+    weak/words-W/                 vocab/<partition>.parquet, targets/<partition>/ (word targets)
     models/teacher-T/             the teacher's checkpoints, metrics and eval/
     infer/teacher-T/              predictions/ (and features/) of every partition
     anchors/teacher-T-A/          anchors.parquet (+ the anchor datasets' features)
@@ -45,6 +48,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from cvpipe.core import storage
+from cvpipe.data.captions import write_caption_manifests
 from cvpipe.data.config import IngestConfig
 from cvpipe.data.integrity import VerifyConfig
 from cvpipe.label import selection
@@ -61,6 +65,7 @@ from flows.pipeline_stages import (
     require,
     siamese_train,
     teacher_inference,
+    weak_flow,
 )
 from flows.teacher import materialize_flow, select_flow
 from tasks.artifacts import publish_markdown
@@ -104,10 +109,15 @@ def data_flow(config: PipelineConfig, root: str, partition: str) -> dict[str, st
             }
             spec = ",".join(f"{k}={v!r}" for k, v in split.items())
             export_digits_flow(png, size=data.digits.size, split=spec, seed=0)
+        unlabeled = storage.join(png, "unlabeled")
+        if data.digits.captions:  # the partition from the manifest that carries the captions
+            if not storage.is_committed(storage.join(png, "captions", "README.md")):
+                write_caption_manifests(png, seed=0)  # the README is written last
+            unlabeled = storage.join(png, "captions", "unlabeled.csv")
         sources = {
             "labeled": storage.join(png, "labeled"),
             "test": storage.join(png, "test"),
-            partition: storage.join(png, "unlabeled"),
+            partition: unlabeled,
         }
         shard_size = data.digits.shard_size
     else:
@@ -164,6 +174,10 @@ def pipeline_flow(config: PipelineConfig, stages: list[str] | None = None) -> di
             update={"enabled": False})})  # fmt: skip
     folders = data_flow(config, config.root, p)
     summary: dict[str, Any] = {"partition": p, "root": config.root, "shards": folders}
+
+    # Weak labels of the partition, from its captions and hashtags.
+    if on("weak"):
+        summary["weak"] = weak_flow(config, p, folders[p])
     if not needed("teacher"):
         return _finish(summary, layout, logger)
     labeled, test = _tars(folders["labeled"]), _tars(folders["test"])
@@ -230,9 +244,10 @@ def pipeline_flow(config: PipelineConfig, stages: list[str] | None = None) -> di
     if on("detect"):
         summary["detector"] = detector_flow(config, finetuned)
 
-    # Siamese embedding net on the selection, then every image embedded and indexed.
+    # Siamese embedding net on D^ labeled by the selection, then every image embedded and
+    # indexed.
     if on("siamese"):
-        embedder = siamese_train(config, pseudo)
+        embedder = siamese_train(config, pseudo, summary["selection"])
     elif needed("siamese"):
         embedder = _committed_checkpoint(layout.siamese_dir, "siamese")
     if on("index"):
@@ -273,12 +288,18 @@ def report_markdown(summary: dict[str, Any]) -> str:
         lines += ["", f"Index: {x['vectors']} vectors in {x['parts']} part(s); retrieval on the "
                   f"test split: precision@{x['k']} {100 * x['precision']:.2f}%, recall@{x['k']} "
                   f"(approximate vs exact) {100 * x['recall']:.2f}%"]  # fmt: skip
+    if "weak" in summary:
+        w = summary["weak"]
+        lines += ["", f"Weak labels: a vocabulary of {w['words']} words (of {w['distinct']} "
+                  f"distinct); {w['with_target']} of {w['images']} images with a word "
+                  "target"]  # fmt: skip
     if "anchor_labels" in summary:
         a = summary["anchor_labels"]
         lines += ["", f"Anchor labels ({a['method']}, {a['metric']}): {a['images']} images "
                   f"under {a['labels']} labels ({a['mean']:.1f} per label on average)"]  # fmt: skip
     outputs = [(f"shards: {k}", v) for k, v in summary.get("shards", {}).items()]
     outputs += [(name, _url(summary, key)) for name, key in (
+        ("vocabulary", "weak.vocab"), ("word targets", "weak.targets"),
         ("teacher", "teacher"), ("predictions", "predictions"),
         ("anchors", "anchor_labels.anchors"), ("anchor labels", "anchor_labels.labels_url"),
         ("selection", "selection"),

@@ -15,13 +15,14 @@ from cvpipe.core.config import Strict, runtime
 from cvpipe.experiments.config import DigitsSplit
 from cvpipe.learn.config import TrainConfig
 
-STAGES = ("ingest", "teacher", "infer", "anchors", "select", "materialize", "student", "finetune",
-          "detect", "siamese", "index")  # fmt: skip
+STAGES = ("ingest", "weak", "teacher", "infer", "anchors", "select", "materialize", "student",
+          "finetune", "detect", "siamese", "index")  # fmt: skip
 
 # What each stage reads: running a stage needs these stages' outputs (run now, or
 # committed by an earlier run).
 NEEDS: dict[str, tuple[str, ...]] = {
     "ingest": (),
+    "weak": ("ingest",),
     "teacher": ("ingest",),
     "infer": ("teacher",),
     "anchors": ("infer",),
@@ -30,7 +31,7 @@ NEEDS: dict[str, tuple[str, ...]] = {
     "student": ("materialize",),
     "finetune": ("student",),
     "detect": ("finetune",),
-    "siamese": ("select",),
+    "siamese": ("materialize",),  # D^'s images, labeled by the selection
     "index": ("siamese",),
 }
 
@@ -44,10 +45,19 @@ class OptionalSection(Section):
     enabled: bool = Field(False, description="run this stage (off by default)")
 
 
-class DataSection(Strict):
-    """Where the images come from: the bundled digits, or sources of your own."""
+class DigitsData(DigitsSplit):
+    """The bundled digits, optionally with SYNTHETIC captions (cvpipe/data/captions.py)."""
 
-    digits: DigitsSplit | None = Field(
+    captions: bool = Field(
+        False, description="ingest the partition with synthetic captions and hashtags (for weak)"
+    )
+
+
+class DataSection(Strict):
+    """Where the images come from: the bundled digits, or sources of your own (a manifest
+    with caption/hashtags columns gives the partition captions)."""
+
+    digits: DigitsData | None = Field(
         None, description="the bundled digits, split into labeled D, the partition (U) and test"
     )
     labeled: str | None = Field(None, description="clean labeled images D: a folder or manifest")
@@ -123,6 +133,19 @@ class AnchorsSection(OptionalSection):
         return self
 
 
+class WeakSection(OptionalSection):
+    """Weak labels from the partition's captions and hashtags: its vocabulary (counted per
+    shard, merged as a tree) and every image's word targets over it (flows/weak.py)."""
+
+    size: int = Field(64, ge=1, description="V: the most frequent words kept")
+    min_count: int = Field(3, ge=1, description="words seen fewer times are left out")
+    synonyms: str | None = Field(
+        None, description="a synonym file (VARIANT, ... => CANONICAL); digits with captions: "
+        "the generator's synonyms.txt when not given",
+    )  # fmt: skip
+    resample: Literal["none", "sqrt"] = Field("none", description="targets' sample weights")
+
+
 class CanvasesSection(Strict):
     """Digits on photo canvases with exact boxes (flows/datasets.py canvases_flow)."""
 
@@ -168,7 +191,9 @@ class DetectSection(OptionalSection):
 
 
 class SiameseSection(OptionalSection):
-    """An embedding net trained on pairs mined from the top-K selection's pseudo-labels."""
+    """An embedding net trained on pairs mined from the top-K selection's pseudo-labels
+    (the images of D^, each labeled by the selection; one selected for two classes is
+    left out)."""
 
     train: TrainConfig = Field(
         default_factory=lambda: TrainConfig(arch="small_cnn", epochs=20, batch_size=64, lr=0.05,
@@ -189,9 +214,10 @@ class IndexSection(OptionalSection):
 
 
 class PipelineConfig(Strict):
-    """The mission as one scheduled DAG over a partition: ingest -> teacher inference
-    -> anchor labels, top-K selection -> materialize -> student pretraining ->
-    fine-tuning -> detection; selection -> Siamese embedding -> FAISS index."""
+    """The mission as one scheduled DAG over a partition: ingest -> weak labels (from
+    captions); ingest -> teacher inference -> anchor labels, top-K selection ->
+    materialize -> student pretraining -> fine-tuning -> detection; selection -> Siamese
+    embedding -> FAISS index."""
 
     root: str = Field(description="output root of every stage")
     partition: str = Field("digits", description="the partition this run processes")
@@ -204,6 +230,7 @@ class PipelineConfig(Strict):
     student: StudentSection
     finetune: FinetuneSection
     anchors: AnchorsSection = Field(default_factory=AnchorsSection)
+    weak: WeakSection = Field(default_factory=WeakSection)
     detect: DetectSection = Field(default_factory=DetectSection)
     siamese: SiameseSection = Field(default_factory=SiameseSection)
     index: IndexSection = Field(default_factory=IndexSection)

@@ -2,8 +2,8 @@
 
 Folder names carry short hashes of the identity of the settings that shape their
 contents (``T`` teacher, ``S`` selection, ``P`` student, ``A`` anchors, ``L`` labeling,
-``C`` canvases, ``D`` detector, ``E`` embedding net, ``I`` index), so changed settings
-never reuse stale work.
+``C`` canvases, ``D`` detector, ``E`` embedding net, ``I`` index, ``W`` vocabulary and
+word targets), so changed settings never reuse stale work.
 """
 
 from __future__ import annotations
@@ -30,14 +30,29 @@ class Layout:
         self.labeling_id = _id(a.method, a.metric, a.n)
         self.canvases_id = _id(c.detect.canvases)
         self.detector_id = _id(c.detect.train)
-        self.embedding_id = _id(c.siamese.train, c.siamese.dim, c.siamese.margin)
+        # "selection": the net's labels come from the selection table, not D^'s copies.
+        self.embedding_id = _id(c.siamese.train, c.siamese.dim, c.siamese.margin, "selection")
         self.index_id = _id(c.index.kind, c.index.memory)
+        w = c.weak
+        self.weak_id = _id(w.size, w.min_count, w.synonyms, w.resample)
 
     def join(self, *parts: str) -> str:
         return storage.join(self.root, *parts)
 
     def shards(self, partition: str) -> str:
         return self.join("shards", partition)
+
+    @property
+    def weak_dir(self) -> str:
+        return self.join("weak", f"words-{self.weak_id}")
+
+    def vocab_url(self, partition: str) -> str:
+        return storage.join(self.weak_dir, "vocab", f"{partition}.parquet")
+
+    @property
+    def targets_dir(self) -> str:
+        """Word targets: TARGETS/<partition>/<stem>.parquet."""
+        return storage.join(self.weak_dir, "targets")
 
     @property
     def ts(self) -> str:

@@ -1,7 +1,8 @@
-"""The pipeline's later stages as subflows (flows/pipeline.py draws the DAG): anchor
-labels of a partition, a detector on the student's backbone, the Siamese embedding net,
-and the FAISS index of every image. Each reads earlier stages' committed outputs by URL
-and skips its own committed work, so a rerun writes nothing."""
+"""The pipeline's later stages as subflows (flows/pipeline.py draws the DAG): weak labels
+(vocabulary and word targets) of a partition's captions, anchor labels of a partition,
+a detector on the student's backbone, the Siamese embedding net, and the FAISS index of
+every image. Each reads earlier stages' committed outputs by URL and skips its own
+committed work, so a rerun writes nothing."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from cvpipe.index import evaluate
 from cvpipe.index.config import IndexAddConfig, IndexBuildConfig
 from cvpipe.index.store import read_manifest
 from cvpipe.infer.config import InferConfig
-from cvpipe.label.config import AnchorsConfig, LabelConfig
+from cvpipe.label.config import AnchorsConfig, LabelConfig, TargetsConfig, VocabConfig
 from cvpipe.learn.detect import DetectTrainConfig
 from cvpipe.learn.siamese import SiameseTrainConfig
 from flows.anchors import anchors_build_flow, label_flow
@@ -28,6 +29,7 @@ from flows.pipeline_config import PipelineConfig
 from flows.pipeline_layout import Layout
 from flows.siamese import siamese_train_flow
 from flows.teacher import infer_flow
+from flows.weak import targets_flow, vocab_flow
 from tasks.artifacts import run_name
 
 
@@ -39,6 +41,35 @@ def require(url: str, stage: str, present: bool | None = None) -> str:
             f"stage {stage!r} is off, and no earlier run committed {url}: enable it once"
         )
     return url
+
+
+def _no_captions(partition: str, why: str) -> ValueError:
+    return ValueError(f"weak: partition {partition!r} has no captions ({why}): set "
+                      "data.digits.captions: true, ingest a manifest with caption/hashtags "
+                      "columns, or switch weak off")  # fmt: skip
+
+
+@flow(name="pipeline-weak", flow_run_name=run_name("weak labels {partition} -> {config.root}"))
+def weak_flow(config: PipelineConfig, partition: str, shards: str) -> dict[str, Any]:
+    """The vocabulary of the partition's captions and hashtags, then every image's word
+    targets over it: VOCAB/<partition>.parquet and TARGETS/<partition>/<stem>.parquet."""
+    layout, w, digits = Layout(config), config.weak, config.data.digits
+    if digits is not None and not digits.captions:
+        raise _no_captions(partition, "data.digits.captions is false")
+    synonyms = w.synonyms
+    if synonyms is None and digits is not None:
+        synonyms = layout.join("png", "captions", "synonyms.txt")
+    vocab = layout.vocab_url(partition)
+    counted = vocab_flow(VocabConfig(shards=shards, out=vocab, size=w.size,
+                                     min_count=w.min_count, synonyms=synonyms))  # fmt: skip
+    if not counted["samples_with_words"]:
+        raise _no_captions(partition, f"no caption or hashtag word in {shards}")
+    targets = targets_flow(
+        TargetsConfig(shards=shards, vocab=vocab, out=layout.targets_dir, resample=w.resample)
+    )
+    return {"vocab": vocab, "words": counted["words"], "distinct": counted["distinct_words"],
+            "targets": storage.join(layout.targets_dir, partition),
+            "images": targets["samples"], "with_target": targets["with_words"]}  # fmt: skip
 
 
 def _infer(config: PipelineConfig, shards: str, checkpoint: str, out: str, features: bool) -> None:
@@ -131,16 +162,18 @@ def detector_flow(config: PipelineConfig, student: str) -> dict[str, Any]:
             "canvases": shards}  # fmt: skip
 
 
-def siamese_train(config: PipelineConfig, pseudo: str) -> str:
-    """The embedding net on pairs mined from the selection's pseudo-labels: D^, whose
-    shards carry them (materialize wrote them from the selection), so only the selected
-    images are read, not every partition."""
+def siamese_train(config: PipelineConfig, pseudo: str, selection: str) -> str:
+    """The embedding net on pairs mined from the selection's pseudo-labels. It reads D^
+    (only the selected images, not every partition) with labels from the selection
+    table: D^ holds an image selected for two classes once per class, as two samples
+    with different labels that would make a "dissimilar" pair of one image; the table
+    drops such keys (cvpipe.learn.pairs.read_labels). D^'s copies are keyed
+    ``{key}_c{class}`` and found in the table by their ``source_key``."""
     s, layout = config.siamese, Layout(config)
     summary = siamese_train_flow(
-        SiameseTrainConfig(
-            shards=pseudo, out=layout.siamese_dir, dim=s.dim, margin=s.margin, train=s.train
-        )
-    )
+        SiameseTrainConfig(shards=pseudo, out=layout.siamese_dir, labels=selection, dim=s.dim,
+                           margin=s.margin, train=s.train)
+    )  # fmt: skip
     return summary["checkpoint"]
 
 

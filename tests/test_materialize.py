@@ -135,3 +135,33 @@ def test_class_names_from_checkpoint_and_teacher_checked(pipeline, tmp_path):
     url = materialize.output_url(right["out"], shard_id(pipeline["shards"][0]))
     teachers = {s.meta["pseudo"]["teacher"] for s in iter_shard(url, decode=False)}
     assert teachers == {models.model_id(pipeline["ckpt"])}
+
+
+def test_a_siamese_run_reads_the_selection_as_labels_of_d_hat(pipeline, tmp_path):
+    """D^ renames each copy ``{key}_c{class}``: labels from the selection (keyed by the
+    source images) reach the copies through their ``source_key``; an image selected for
+    two classes has no single label and is left out."""
+    from cvpipe.data.loader import UNKNOWN_LABEL
+    from cvpipe.learn import loop
+    from cvpipe.learn.config import TrainConfig
+    from cvpipe.learn.tasks import ContrastiveTask
+
+    out = str(tmp_path / "dhat")
+    materialize.materialize(
+        MaterializeConfig(selection=pipeline["sel"], shards=pipeline["shards"], out=out)
+    )
+    urls = [materialize.output_url(out, shard_id(u)) for u in pipeline["shards"]]
+    sel = tables.read_parquet(pipeline["sel"]).to_pylist()
+    by_key = Counter(r["key"] for r in sel)
+    single = {r["key"]: str(r["label"]) for r in sel if by_key[r["key"]] == 1}
+    task = ContrastiveTask(dim=8, labels=pipeline["sel"])
+    cfg = TrainConfig(arch="small_cnn", epochs=1, batch_size=16, lr=0.05, input_size=16,
+                      cpu_threads=1, device="cpu")  # fmt: skip
+    built = task.build(cfg, urls, None)
+    items = list(task.dataset(cfg, urls, built.info, stage="train", train=False))
+    labeled = [it["label"] for it in items if it["label"] != UNKNOWN_LABEL]
+    assert len(items) == len(sel) and len(labeled) == len(single) > 0
+    names = built.info.classes
+    assert Counter(names[i] for i in labeled) == Counter(single.values())
+    ckpt = loop.train(task, cfg, urls, str(tmp_path / "run"))  # failed: no usable sample
+    assert models.load_info(ckpt).task == "contrastive"

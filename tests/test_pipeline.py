@@ -24,7 +24,13 @@ def _config(root: str, **over):
         "root": root,
         "partition": "day1",
         "data": {
-            "digits": {"labeled_fraction": 0.1, "test_fraction": 0.3, "size": 16, "shard_size": 200}
+            "digits": {
+                "labeled_fraction": 0.1,
+                "test_fraction": 0.3,
+                "size": 16,
+                "shard_size": 200,
+                "captions": True,
+            },
         },  # fmt: skip
         "teacher": {"train": {**SMALL, "epochs": 4, "lr": 0.05}},
         "infer": {"top_p": 1, "cpu_threads": 1},
@@ -32,6 +38,7 @@ def _config(root: str, **over):
         "student": {"train": {**SMALL, "epochs": 2}},
         "finetune": {"train": {**SMALL, "epochs": 1, "freeze_stages": 2}},
         "anchors": {"enabled": True, "groups": {"round": "0689", "straight": "147"}},
+        "weak": {"enabled": True, "size": 32},
         "detect": {
             "enabled": True,
             "canvases": {"labeled": 16, "test": 8, "shard_size": 8},
@@ -51,6 +58,7 @@ def _files(root: str) -> dict[str, float]:
 
 @pytest.mark.slow
 def test_pipeline_runs_the_dag_and_a_rerun_writes_nothing(prefect_harness, tmp_path):
+    from cvpipe.label.vocab import read_vocab
     from flows.pipeline import Layout, pipeline_flow
 
     root = str(tmp_path / "root")
@@ -68,6 +76,17 @@ def test_pipeline_runs_the_dag_and_a_rerun_writes_nothing(prefect_harness, tmp_p
     report = storage.read_bytes(out["report"]).decode()
     assert "| student fine-tuned on D |" in report and out["finetuned"]["checkpoint"] in report
 
+    # Weak labels: the partition's vocabulary (synonyms merged) and its word targets.
+    weak = out["weak"]
+    assert weak["vocab"] == layout.vocab_url("day1") and storage.is_committed(weak["vocab"])
+    assert weak["targets"] == storage.join(layout.targets_dir, "day1")
+    assert len(storage.list_committed(weak["targets"], ".parquet")) == len(
+        storage.list_committed(layout.shards("day1"), ".tar")
+    )
+    assert 0 < weak["words"] <= 32 and 0 < weak["with_target"] < weak["images"]
+    words = read_vocab(weak["vocab"]).words
+    assert "seven" in words and "sept" not in words  # the generator's synonyms merged
+
     # Anchor labels of the partition, from its features in the teacher's space.
     assert storage.is_committed(layout.anchors_url)
     assert storage.list_committed(storage.join(layout.labels_dir, "day1"), ".parquet")
@@ -83,7 +102,8 @@ def test_pipeline_runs_the_dag_and_a_rerun_writes_nothing(prefect_harness, tmp_p
     assert storage.is_committed(storage.join(layout.siamese_dir, "final.pt"))
     day1_images = out["index"]["vectors"]
     assert out["index"]["parts"] == 1 and day1_images > 0 and 0 <= out["index"]["precision"] <= 1
-    for text in ("mAP@.5", "precision@10", "Anchor labels", layout.index_dir, layout.labels_dir):
+    for text in ("mAP@.5", "precision@10", "Anchor labels", "Weak labels", layout.index_dir,
+                 layout.labels_dir, weak["vocab"], weak["targets"]):  # fmt: skip
         assert text in report, text
 
     before = _files(root)
@@ -131,6 +151,18 @@ def test_an_off_stage_without_committed_outputs_is_a_clear_error(prefect_harness
     with pytest.raises(ValueError, match="unknown stage"):
         pipeline_flow(config, stages=["teleport"])
 
+    # Weak labels need captions: the digits without them, or own data without any.
+    digits = config.data.digits.model_copy(update={"captions": False})
+    bare = config.model_copy(update={"data": config.data.model_copy(update={"digits": digits})})
+    with pytest.raises(ValueError, match=r"^weak: partition 'day1' has no captions [^\n]*$"):
+        pipeline_flow(bare, stages=["weak"])
+    # Own data: the test split's committed shards, caption-less, as the partition.
+    png = os.path.join(config.root, "png")
+    sources = {part: os.path.join(png, part) for part in ("labeled", "test", "unlabeled")}
+    own = _config(config.root, partition="test", data=sources, anchors={})
+    with pytest.raises(ValueError, match=r"^weak: partition 'test' has no captions \(no caption"):
+        pipeline_flow(own, stages=["weak"])
+
 
 def test_the_shipped_example_is_a_valid_config():
     from importlib.resources import files
@@ -140,4 +172,7 @@ def test_the_shipped_example_is_a_valid_config():
     raw = yaml.safe_load((files("flows") / "examples" / "pipeline.yaml").read_text())
     config = PipelineConfig.model_validate(raw)
     assert config.data.digits is not None and config.teacher.enabled
-    assert all(getattr(config, s).enabled for s in ("anchors", "detect", "siamese", "index"))
+    assert all(
+        getattr(config, s).enabled for s in ("weak", "anchors", "detect", "siamese", "index")
+    )
+    assert config.data.digits.captions  # weak labels need them

@@ -82,13 +82,19 @@ def _labels_of(spec: str | tuple[str, ...]) -> dict[str, str]:
 
 class TableLabels:
     """A ShardDataset ``sample_fn``: the image through ``transform``, the label looked
-    up by key in a labels table (unlabeled keys get UNKNOWN_LABEL and are skipped)."""
+    up by key in a labels table (unlabeled keys get UNKNOWN_LABEL and are skipped).
+
+    A materialized copy (D^: key ``{key}_c{class}``, the source's key in the sample's
+    ``source_key``) is looked up by its source key when its own key is not in the table:
+    a selection or anchor labels name the images they were computed on, not the copies."""
 
     def __init__(self, transform: Any, table: dict[str, str], index: dict[str, int]) -> None:
         self.transform, self.table, self.index = transform, table, index
 
     def __call__(self, s: Sample) -> dict[str, Any]:
         label = self.table.get(s.key)
+        if label is None and isinstance(s.meta.get("source_key"), str):
+            label = self.table.get(s.meta["source_key"])
         return {
             "image": self.transform(s.image),
             "label": self.index.get(label, UNKNOWN_LABEL) if label is not None else UNKNOWN_LABEL,

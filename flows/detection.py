@@ -107,7 +107,7 @@ def detection_flow(config: DetectionStudyConfig) -> dict[str, Any]:
                                 init=config.backbone)  # fmt: skip
         teacher = train_run(teacher_cfg.job()).checkpoint
         t_eval = evaluate(teacher, test, storage.join(base, "teacher", "eval"), teacher_cfg)
-        _publish_eval(t_eval, f"seed-{seed}-teacher")
+        _publish_eval(t_eval, f"seed-{seed}-teacher", storage.join(base, "teacher", "eval"))
 
         # Folders named after the student's settings: another threshold, another student.
         tag = tables.config_hash(config.model_dump(include=STUDENT_FIELDS))[:8]

@@ -87,10 +87,13 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    """Every RNG training touches, as tensors and primitives (weights_only-loadable)."""
+    """Every global RNG training touches, as tensors and primitives (weights_only-loadable).
+
+    Python's global ``random`` is not among them: the loader and the tasks draw from
+    their own seeded ``random.Random``, and the global one is shared with Prefect's
+    threads (retry jitter), so its state would record their draws, not training's."""
     np_state = np.random.get_state()
     state: dict[str, Any] = {
-        "python": random.getstate(),
         "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
         "torch": torch.get_rng_state(),
     }
@@ -100,8 +103,9 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
+    if "python" in state:  # states written by earlier versions
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, keys.numpy(), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])

@@ -27,6 +27,12 @@ from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
+# Options shared by the commands that run a flow's tasks somewhere (ingest, pipeline).
+RUNNER = typer.Option(
+    "threads", "--runner", help="threads | dask | dask://HOST:PORT | ray | ray://HOST:PORT"
+)
+WORKERS = typer.Option(None, "--workers", help="parallel task runs (threads, dask or ray workers)")
+
 
 class CliError(Exception):
     """Bad command-line input: printed as one ``error:`` line."""

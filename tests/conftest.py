@@ -31,6 +31,18 @@ def ingest_folder(source: str, root: str, partition: str, name: str, shard_size:
     return storage.list_committed(storage.join(root, "shards", partition), ".tar")
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module of small models: on two shared cores, more threads
+    only fight other processes. Restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def digits_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The digits exported as PNG, split labeled 10% / unlabeled 60% / test 30%."""

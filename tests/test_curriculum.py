@@ -10,13 +10,7 @@ from cvpipe import models
 from cvpipe.learn import curriculum
 from cvpipe.learn.config import TrainConfig
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def cfg(**kw) -> TrainConfig:

@@ -22,13 +22,7 @@ from cvpipe.learn.config import TrainConfig
 from cvpipe.learn.stages import EvalJob, EvaluateStage, TrainJob, TrainStage
 from cvpipe.learn.tasks import ClassificationTask, ContrastiveTask
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny(**kw) -> TrainConfig:

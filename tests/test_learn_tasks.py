@@ -23,13 +23,7 @@ from cvpipe.learn.tasks.contrastive import contrastive_loss, next_pairs
 from cvpipe.learn.tasks.detection import LOSS_PARTS, detection_transform
 from cvpipe.learn.tasks.multilabel import precision_at_k, soft_target_loss, soft_targets
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def small(**kw) -> TrainConfig:

@@ -9,13 +9,7 @@ import torch
 from cvpipe.data.loader import ShardDataset, make_loader
 from cvpipe.data.shards import read_shard_samples, write_shard
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _to_tensor(image) -> torch.Tensor:

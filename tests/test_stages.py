@@ -24,13 +24,7 @@ from cvpipe.label import materialize
 from cvpipe.label.config import LabelCheckConfig, MaterializeConfig, RelabelConfig
 from cvpipe.label.materialize import LabelCheckStage, MaterializeStage, RelabelStage
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _infer_config(shards, checkpoint, out, **kw) -> InferConfig:

@@ -23,7 +23,7 @@ import posixpath
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import pyarrow.parquet as pq
 
@@ -280,7 +280,30 @@ def _shard_units(spec: str | list[str]) -> list[Unit]:
     return [Unit(shard_id(u), (u,)) for u in expand_specs(spec, ".tar")]
 
 
-class MaterializeStage(Stage[MaterializeConfig, MaterializeStats]):
+_C = TypeVar("_C", MaterializeConfig, RelabelConfig)
+
+
+class _ShardsOut(Stage[_C, MaterializeStats]):
+    """A stage that writes one output shard per input shard (``OUT/shards/<partition>/
+    <stem>.tar``): its units, outputs, read-back and summary."""
+
+    def units(self) -> list[Unit]:
+        return _shard_units(self.config.shards)
+
+    def outputs(self, unit: Unit) -> list[str]:
+        return [output_url(self.config.out, unit.name)]
+
+    def read_back(self, unit: Unit) -> MaterializeStats:
+        return committed_stats(self.outputs(unit)[0], unit.name)
+
+    def describe(self, stats: MaterializeStats) -> str:
+        return f"{stats.shard}: {stats.written} written"
+
+    def summarize(self, stats: Sequence[MaterializeStats]) -> dict[str, Any]:
+        return summarize(stats)
+
+
+class MaterializeStage(_ShardsOut[MaterializeConfig]):
     """One unit per input shard: its selected samples as ``OUT/shards/<partition>/
     <stem>.tar``. :meth:`setup` reads the provenance once per process; a selection
     that does not belong to the teacher named fails every unit at once, unretried."""
@@ -292,12 +315,6 @@ class MaterializeStage(Stage[MaterializeConfig, MaterializeStats]):
         super().__init__(config)
         self.prov: Provenance | None = None
 
-    def units(self) -> list[Unit]:
-        return _shard_units(self.config.shards)
-
-    def outputs(self, unit: Unit) -> list[str]:
-        return [output_url(self.config.out, unit.name)]
-
     def setup(self) -> None:
         self.prov = provenance(self.config.selection, self.config.checkpoint)
 
@@ -306,17 +323,8 @@ class MaterializeStage(Stage[MaterializeConfig, MaterializeStats]):
         c = self.config
         return materialize_shard(c.selection, unit.inputs[0], c.out, self.prov)
 
-    def read_back(self, unit: Unit) -> MaterializeStats:
-        return committed_stats(self.outputs(unit)[0], unit.name)
 
-    def describe(self, stats: MaterializeStats) -> str:
-        return f"{stats.shard}: {stats.written} written"
-
-    def summarize(self, stats: Sequence[MaterializeStats]) -> dict[str, Any]:
-        return summarize(stats)
-
-
-class RelabelStage(Stage[RelabelConfig, MaterializeStats]):
+class RelabelStage(_ShardsOut[RelabelConfig]):
     """One unit per input shard: the samples its labels table (``LABELS/<partition>/
     <stem>.parquet``, e.g. anchor labels) labels, as ``OUT/shards/<partition>/
     <stem>.tar`` with that label. ``labels`` of the stats: samples per label."""
@@ -324,26 +332,11 @@ class RelabelStage(Stage[RelabelConfig, MaterializeStats]):
     name = "relabel"
     resources = Resources(cpus=1)
 
-    def units(self) -> list[Unit]:
-        return _shard_units(self.config.shards)
-
     def labels_url(self, unit: Unit) -> str:
         return unit_url(self.config.labels, "", unit.name)
 
-    def outputs(self, unit: Unit) -> list[str]:
-        return [output_url(self.config.out, unit.name)]
-
     def process(self, unit: Unit) -> MaterializeStats:
         return relabel_shard(self.labels_url(unit), unit.inputs[0], self.config.out)
-
-    def read_back(self, unit: Unit) -> MaterializeStats:
-        return committed_stats(self.outputs(unit)[0], unit.name)
-
-    def describe(self, stats: MaterializeStats) -> str:
-        return f"{stats.shard}: {stats.written} written"
-
-    def summarize(self, stats: Sequence[MaterializeStats]) -> dict[str, Any]:
-        return summarize(stats)
 
 
 class LabelCheckStage(Stage[LabelCheckConfig, CheckStats]):

@@ -30,12 +30,13 @@ from pydantic import Field
 
 from cvpipe import models
 from cvpipe.core import tables
-from cvpipe.core.config import Strict, runtime
+from cvpipe.core.config import runtime
 from cvpipe.core.stage import Resources, Stage, Unit
 from cvpipe.core.storage import is_committed, join, write_bytes_atomic
 from cvpipe.data.boxes import to_arrays
 from cvpipe.data.loader import ShardDataset, make_loader
 from cvpipe.data.shards import Sample
+from cvpipe.learn.stages import EvalJob
 from cvpipe.learn.tasks.base import TaskBatch
 
 DRAW_IMAGES = 8
@@ -326,18 +327,12 @@ def draw_detections(
 # --------------------------------------------------------------------------- the stage
 
 
-class DetectEvalJob(Strict):
+class DetectEvalJob(EvalJob):
     """A detection checkpoint to score on labeled shards: the unit of a
     :class:`DetectEvalStage`."""
 
-    checkpoint: str
-    shards: list[str] = Field(min_length=1)
     out: str = Field(description="writes {out}/{split}_map.parquet, _per_class.parquet, _boxes.png")
-    split: str = "test"
     batch_size: int = runtime(8, ge=1)
-    device: str = runtime("auto", description="auto | cpu | cuda | cuda:N")
-    num_workers: int = runtime(0, ge=0)
-    cpu_threads: int | None = runtime(None, ge=1)
 
 
 class DetectEvalStage(Stage[DetectEvalJob, DetectEvalResult]):

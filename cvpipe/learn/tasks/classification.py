@@ -64,6 +64,27 @@ def build_transform(
     return v2.Compose(ops)
 
 
+def image_transform(cfg: TrainConfig, info: ModelInfo, train: bool) -> Any:
+    """The transform of an image task: the config's augmentation when training, the
+    model's eval preprocessing otherwise."""
+    if not train:
+        return models.preprocess(info)
+    return build_transform(cfg.augmentation, info.input_size, info.mean, info.std, cfg.shift_px)
+
+
+def image_model_info(cfg: TrainConfig, classes: Sequence[str], task: str) -> ModelInfo:
+    """The sidecar of an image model trained with ``cfg``: architecture, classes, input
+    size (the architecture's default when the config gives none), normalization, task."""
+    return ModelInfo(
+        arch=cfg.arch,
+        classes=list(classes),
+        input_size=cfg.input_size or ARCHITECTURES[cfg.arch].input_size,
+        mean=tuple(cfg.mean),
+        std=tuple(cfg.std),
+        task=task,
+    )
+
+
 def _natural_key(name: str) -> tuple[int, int | str]:
     return (0, int(name)) if name.isdigit() else (1, name)
 
@@ -203,24 +224,15 @@ class ClassificationTask(TrainTask):
     ) -> Built:
         classes = resolve_classes(cfg, train_urls, init_checkpoint)
         model, lineage = initial_model(cfg, classes, init_checkpoint)
-        info = ModelInfo(
-            arch=cfg.arch,
-            classes=classes,
-            input_size=cfg.input_size or ARCHITECTURES[cfg.arch].input_size,
-            mean=tuple(cfg.mean),
-            std=tuple(cfg.std),
-            task=self.kind,
-        )
+        info = image_model_info(cfg, classes, self.kind)
         return Built(model, info, classifier_parts(model), lineage)
 
     def dataset(
         self, cfg: TrainConfig, urls: Sequence[str], info: ModelInfo, *, stage: str, train: bool
     ) -> ShardDataset:
+        tf = image_transform(cfg, info, train)
         if not train:
-            return ShardDataset(
-                list(urls), models.preprocess(info), classes=info.classes, stage=stage
-            )
-        tf = build_transform(cfg.augmentation, info.input_size, info.mean, info.std, cfg.shift_px)
+            return ShardDataset(list(urls), tf, classes=info.classes, stage=stage)
         return ShardDataset(
             list(urls),
             tf,

@@ -34,7 +34,12 @@ from cvpipe.learn.config import TrainConfig
 from cvpipe.learn.errors import TrainingError
 from cvpipe.learn.pairs import mine_pairs, read_labels
 from cvpipe.learn.tasks.base import Built, TaskBatch, TrainTask
-from cvpipe.learn.tasks.classification import build_transform, labeled_only, resolve_classes
+from cvpipe.learn.tasks.classification import (
+    image_model_info,
+    image_transform,
+    labeled_only,
+    resolve_classes,
+)
 from cvpipe.learn.transfer import Parts
 from cvpipe.models import ARCHITECTURES, EmbeddingNet, ModelInfo, stage_modules
 
@@ -192,24 +197,13 @@ class ContrastiveTask(TrainTask):
                 "init_checkpoint": init_checkpoint,
                 "init_model_id": models.model_id(init_checkpoint),
             }
-        info = ModelInfo(
-            arch=cfg.arch,
-            classes=classes,
-            input_size=cfg.input_size or ARCHITECTURES[cfg.arch].input_size,
-            mean=tuple(cfg.mean),
-            std=tuple(cfg.std),
-            task=self.kind,
-        )
+        info = image_model_info(cfg, classes, self.kind)
         return Built(model, info, Parts(stage_modules(model), [model.head]), lineage)
 
     def dataset(
         self, cfg: TrainConfig, urls: Sequence[str], info: ModelInfo, *, stage: str, train: bool
     ) -> ShardDataset:
-        tf = (
-            build_transform(cfg.augmentation, info.input_size, info.mean, info.std, cfg.shift_px)
-            if train
-            else models.preprocess(info)
-        )
+        tf = image_transform(cfg, info, train)
         table = self._label_table()
         sample_fn = None
         if table is not None:

@@ -32,8 +32,13 @@ from cvpipe.data.shards import Sample
 from cvpipe.learn.config import TrainConfig
 from cvpipe.learn.errors import TrainingError
 from cvpipe.learn.tasks.base import Built, TaskBatch, TrainTask
-from cvpipe.learn.tasks.classification import build_transform, classifier_parts, initial_model
-from cvpipe.models import ARCHITECTURES, ModelInfo
+from cvpipe.learn.tasks.classification import (
+    classifier_parts,
+    image_model_info,
+    image_transform,
+    initial_model,
+)
+from cvpipe.models import ModelInfo
 
 PRECISION_AT = (1, 5, 10)
 
@@ -101,24 +106,13 @@ class MultiLabelTask(TrainTask):
         if not cfg.classes:
             raise TrainingError("multi-label training needs the vocabulary as `classes`")
         model, lineage = initial_model(cfg, cfg.classes, init_checkpoint)
-        info = ModelInfo(
-            arch=cfg.arch,
-            classes=list(cfg.classes),
-            input_size=cfg.input_size or ARCHITECTURES[cfg.arch].input_size,
-            mean=tuple(cfg.mean),
-            std=tuple(cfg.std),
-            task=self.kind,
-        )
+        info = image_model_info(cfg, cfg.classes, self.kind)
         return Built(model, info, classifier_parts(model), lineage)
 
     def dataset(
         self, cfg: TrainConfig, urls: Sequence[str], info: ModelInfo, *, stage: str, train: bool
     ) -> ShardDataset:
-        tf = (
-            build_transform(cfg.augmentation, info.input_size, info.mean, info.std, cfg.shift_px)
-            if train
-            else models.preprocess(info)
-        )
+        tf = image_transform(cfg, info, train)
         index = {w: i for i, w in enumerate(info.classes)}
         return ShardDataset(
             list(urls),

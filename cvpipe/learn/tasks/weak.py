@@ -25,7 +25,6 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from cvpipe import models
 from cvpipe.core.storage import is_committed
 from cvpipe.data.loader import ShardDataset
 from cvpipe.data.shards import Reject, Sample, iter_shard
@@ -33,7 +32,7 @@ from cvpipe.label.targets import read_targets, targets_url
 from cvpipe.learn.config import TrainConfig
 from cvpipe.learn.errors import TrainingError
 from cvpipe.learn.tasks.base import Built
-from cvpipe.learn.tasks.classification import build_transform
+from cvpipe.learn.tasks.classification import image_transform
 from cvpipe.learn.tasks.multilabel import MultiLabelTask
 from cvpipe.models import ModelInfo
 
@@ -116,11 +115,7 @@ class WeakTask(MultiLabelTask):
     def dataset(
         self, cfg: TrainConfig, urls: Sequence[str], info: ModelInfo, *, stage: str, train: bool
     ) -> ShardDataset:
-        tf = (
-            build_transform(cfg.augmentation, info.input_size, info.mean, info.std, cfg.shift_px)
-            if train
-            else models.preprocess(info)
-        )
+        tf = image_transform(cfg, info, train)
         kwargs: dict[str, Any] = {
             "stage": stage,
             "shuffle_buffer": cfg.shuffle_buffer if train else 0,
